@@ -1,0 +1,28 @@
+"""CLIP ViT-B/16 with a 12-layer 512-wide causal text transformer (the open_clip recipe).
+
+  python train.py --config=configs/clip_vitb16.py --workdir=/path/run \
+      --config.data.train=/data/cc12m --config.data.vocab_file=/data/vocab.txt
+  python train.py --config=configs/clip_vitb16.py:variant=S/16 ...
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import base_config
+from vlp_jax import config_lib
+
+CC12M_PAIRS = 10_968_539
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(arg, variant="B/16", batch_size=2048, epochs=32.0)
+  config = base_config()
+  config.batch_size = args.batch_size
+  config.num_epochs = args.epochs
+  config.model.image.variant = args.variant
+  config.model.embed_dim = 512
+  config.optim.lr = 5e-4
+  config.optim.warmup_steps = 2_000
+  config.optim.weight_decay = 0.2
+  return config_lib.lock(config)

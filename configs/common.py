@@ -1,0 +1,82 @@
+"""Defaults shared by every config; each config file changes only what differs."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields a run reads, with defaults; variant configs override a few."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds initialisation, data order, augmentation and masking.
+  config.batch_size = 256  # Global batch (all processes together).
+  config.total_steps = 0  # Training steps; 0 derives them from num_epochs.
+  config.num_epochs = 1.0  # Used when total_steps is 0: epochs over config.data.train.
+  # Device mesh axis -> size; -1 takes the remaining devices. The batch splits over
+  # "data" and "fsdp"; an "fsdp" axis > 1 also shards parameters and optimizer state.
+  config.mesh = ml_collections.ConfigDict({"data": -1})
+
+  config.model = ml_collections.ConfigDict()
+  config.model.embed_dim = 512  # Joint embedding width.
+  config.model.activation = "gelu"  # "gelu" (exact) or "quick_gelu" (OpenAI CLIP).
+  config.model.dtype = "float32"  # Compute dtype; params stay float32. "bfloat16" on TPU/GPU.
+  config.model.remat = False  # Rematerialise transformer blocks to save activation memory.
+  config.model.image = ml_collections.ConfigDict()
+  config.model.image.variant = "B/16"  # ViT size/patch, e.g. "Ti/16", "S/16", "B/16", "L/14".
+  config.model.image.image_size = 224  # Input resolution in pixels.
+  # Per-field overrides of the variant table (None: take the variant's value).
+  config.model.image.width = ml_collections.FieldReference(None, field_type=int)
+  config.model.image.depth = ml_collections.FieldReference(None, field_type=int)
+  config.model.image.mlp_dim = ml_collections.FieldReference(None, field_type=int)
+  config.model.image.num_heads = ml_collections.FieldReference(None, field_type=int)
+  config.model.text = ml_collections.ConfigDict()
+  # Token embedding rows; None: the tokenizer's vocabulary size.
+  config.model.text.vocab_size = ml_collections.FieldReference(None, field_type=int)
+  config.model.text.context_length = 77  # Tokens per caption, including [CLS]/[SEP].
+  config.model.text.width = 512
+  config.model.text.depth = 12
+  config.model.text.num_heads = 8
+  config.model.text.mlp_dim = 2048
+
+  config.masking = ml_collections.ConfigDict()
+  config.masking.kind = "none"  # Patch masking strategy of the image tower.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.train = ""  # ArrayRecord shards (dir, glob or comma list); "": built-in dataset.
+  config.data.eval = ""  # Held-out retrieval shards; "": the built-in held-out split.
+  config.data.vocab_file = ""  # WordPiece vocab (one token per line); "": built-in vocab.
+  config.data.lower_case = True  # Lower-case and strip accents before WordPiece.
+  config.data.cache_dir = ""  # Where the built-in dataset is written; "": ~/.cache/vlp_jax.
+  config.data.crop_scale = (0.5, 1.0)  # Random-resized-crop area range.
+  config.data.flip = True  # Random horizontal flips.
+  config.data.num_workers = 2  # grain worker processes (0: decode in the trainer process).
+  config.data.read_threads = 4  # Threads per process reading and decoding records.
+  config.data.max_skipped_fraction = 0.01  # Fail when more corrupt records than this.
+  config.data.builtin = ml_collections.ConfigDict()
+  config.data.builtin.num_train = 10_000  # Generated training pairs.
+  config.data.builtin.num_heldout = 1_000  # Generated held-out pairs (unseen combinations).
+  config.data.builtin.image_size = 64  # Rendered resolution.
+  config.data.builtin.vocab_size = 1_000  # Upper bound for the learned WordPiece vocab.
+  config.data.builtin.seed = 0  # Generator seed (independent of config.seed).
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 5e-4  # Peak learning rate.
+  config.optim.warmup_steps = 2_000  # Linear warmup, then cosine decay.
+  config.optim.end_lr_ratio = 0.0  # Final lr as a share of the peak.
+  config.optim.weight_decay = 0.2  # AdamW decoupled decay on matrices.
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.98
+  config.optim.eps = 1e-6
+  config.optim.grad_clip_norm = 1.0  # Global-norm clipping.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_steps = 1_000  # Held-out retrieval every N steps (0: only at the end).
+  config.eval.batch_size = 256  # Global eval batch.
+  config.eval.max_captions = 5  # Captions per image kept for retrieval (COCO has 5).
+
+  config.log_every_steps = 50  # Fetch and write metrics every N steps.
+  config.checkpoint_every_steps = 1_000  # Save a checkpoint every N steps (and at the end).
+  config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+  config.stop_after_steps = 0  # End this run after N steps (checkpointed); 0: run to the end.
+  config.max_nonfinite_streak = 20  # Stop after this many non-finite losses in a row.
+  return config

@@ -1,0 +1,1 @@
+"""Input pipeline: ArrayRecord shards -> grain -> host batches of pixels and token ids."""

@@ -1,0 +1,94 @@
+"""Two-tower CLIP: image tower + text tower + learnable temperature."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlp_jax.models.text import TextTransformer
+from vlp_jax.models.vit import VisionTransformer, decode_variant
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nn.Module):
+  """Returns L2-normalised image and text embeddings and the clamped logit scale."""
+
+  visual: VisionTransformer
+  text: TextTransformer
+  logit_scale_init: float = math.log(1 / 0.07)
+  logit_scale_max: float = math.log(100.0)
+
+  def setup(self) -> None:
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(self.logit_scale_init), ()
+    )
+
+  def encode_image(self, images: jax.Array, keep_indices: jax.Array | None = None) -> jax.Array:
+    return l2_normalize(self.visual(images, keep_indices)[0])
+
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    return l2_normalize(self.text(tokens)[0])
+
+  def __call__(
+    self, images: jax.Array, tokens: jax.Array, keep_indices: jax.Array | None = None
+  ) -> dict[str, jax.Array]:
+    # Clamp in the forward pass (open_clip clamps the parameter after each step): the
+    # same cap on the temperature, without model-specific code in the train step.
+    scale = jnp.exp(jnp.minimum(self.logit_scale, self.logit_scale_max))
+    return {
+      "image": self.encode_image(images, keep_indices),
+      "text": self.encode_text(tokens),
+      "logit_scale": scale,
+    }
+
+
+def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> CLIP:
+  """Builds CLIP from `config.model`; `vocab_size` comes from the tokenizer."""
+  dtype = jnp.dtype(model_config.dtype)
+  image_cfg, text_cfg = model_config.image, model_config.text
+  size = decode_variant(
+    image_cfg.variant,
+    width=image_cfg.width,
+    depth=image_cfg.depth,
+    mlp_dim=image_cfg.mlp_dim,
+    num_heads=image_cfg.num_heads,
+  )
+  if image_cfg.image_size % size.patch_size:
+    raise ValueError(
+      f"config.model.image.image_size={image_cfg.image_size} is not a multiple of the "
+      f"patch size {size.patch_size}"
+    )
+  visual = VisionTransformer(
+    size=size,
+    image_size=image_cfg.image_size,
+    embed_dim=model_config.embed_dim,
+    activation=model_config.activation,
+    remat=model_config.remat,
+    dtype=dtype,
+  )
+  if text_cfg.vocab_size is not None and text_cfg.vocab_size < vocab_size:
+    raise ValueError(
+      f"config.model.text.vocab_size={text_cfg.vocab_size} is smaller than the "
+      f"tokenizer's vocabulary ({vocab_size})"
+    )
+  text = TextTransformer(
+    vocab_size=text_cfg.vocab_size or vocab_size,
+    context_length=text_cfg.context_length,
+    width=text_cfg.width,
+    depth=text_cfg.depth,
+    num_heads=text_cfg.num_heads,
+    mlp_dim=text_cfg.mlp_dim,
+    embed_dim=model_config.embed_dim,
+    activation=model_config.activation,
+    remat=model_config.remat,
+    dtype=dtype,
+  )
+  return CLIP(visual=visual, text=text)

@@ -1,0 +1,66 @@
+"""CLIP causal text transformer (open_clip's TextTransformer layout)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.models.layers import Transformer, layer_norm
+
+PAD_ID = 0
+
+
+def last_token_index(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
+  """Index of the last non-pad token: the end-of-text token for CLIP and BERT tokenisers.
+
+  Equals open_clip's `argmax(tokens)` pooling for CLIP's BPE (EOT has the largest id and
+  is followed only by padding) without depending on the vocabulary's id order.
+  """
+  return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
+
+
+class TextTransformer(nn.Module):
+  """Causal transformer over token ids (B, T); pools the end-of-text token."""
+
+  vocab_size: int
+  context_length: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  embed_dim: int
+  activation: str = "gelu"
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if tokens.shape[-1] > self.context_length:
+      raise ValueError(f"{tokens.shape[-1]} tokens exceed context_length {self.context_length}")
+    x = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.initializers.normal(0.02),
+      name="token_embedding",
+    )(tokens).astype(self.dtype)
+    positional_embedding = self.param(
+      "positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width)
+    )
+    x = x + positional_embedding[: tokens.shape[-1]].astype(self.dtype)
+    x = Transformer(
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      causal=True,
+      activation=self.activation,
+      remat=self.remat,
+      dtype=self.dtype,
+      name="transformer",
+    )(x)
+    x = layer_norm("ln_final", self.dtype)(x)
+    pooled = jnp.take_along_axis(x, last_token_index(tokens)[:, None, None], axis=1)[:, 0]
+    projection = self.param(
+      "text_projection", nn.initializers.normal(self.width**-0.5), (self.width, self.embed_dim)
+    )
+    return pooled @ projection.astype(self.dtype), {"pre_logits": pooled}

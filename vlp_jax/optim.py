@@ -1,0 +1,40 @@
+"""Optimizer and learning-rate schedule from `config.optim`."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def create_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_ratio`."""
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=optim.lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=optim.lr * optim.end_lr_ratio,
+  )
+
+
+def decay_mask(params: optax.Params) -> optax.Params:
+  """Weight decay on matrices only: no decay on biases, LayerNorm, class token, temperature."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def create_optimizer(
+  optim: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  return optax.chain(
+    optax.clip_by_global_norm(optim.grad_clip_norm),
+    optax.adamw(
+      schedule,
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
+    ),
+  )
