@@ -3,6 +3,8 @@
   python train.py --config=configs/clip_vitb16.py --workdir=/path/run \
       --config.data.train=/data/cc12m --config.data.vocab_file=/data/vocab.txt
   python train.py --config=configs/clip_vitb16.py:variant=S/16 ...
+  python train.py --config=configs/clip_vitb16.py:unmasked_tuning=True \
+      --config.init_from=/path/masked_run ...   # tuning stage after masked pretraining
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import ml_collections
 from configs.common import base_config
 from vlp_jax import config_lib
 
-CC12M_PAIRS = 10_968_539
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, variant="B/16", batch_size=2048, epochs=32.0)
+  args = config_lib.parse_arg(
+    arg, variant="B/16", batch_size=2048, epochs=32.0, unmasked_tuning=False
+  )
   config = base_config()
   config.batch_size = args.batch_size
   config.num_epochs = args.epochs
@@ -25,4 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.lr = 5e-4
   config.optim.warmup_steps = 2_000
   config.optim.weight_decay = 0.2
+  if args.unmasked_tuning:
+    # FLIP's last stage: no masking, a short run at a small lr, parameters from
+    # config.init_from. 0.4 epoch and lr / 10 are our defaults, not FLIP's numbers.
+    config.masking.kind = "none"
+    config.num_epochs = min(args.epochs, 0.4)
+    config.optim.lr /= 10
+    config.optim.warmup_steps = 200
   return config_lib.lock(config)

@@ -39,7 +39,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.text.mlp_dim = 2048
 
   config.masking = ml_collections.ConfigDict()
-  config.masking.kind = "none"  # Patch masking strategy of the image tower.
+  config.masking.kind = "none"  # Image patch masking: "none", "random" (FLIP), "cluster", "kmeans".
+  # random: share of patches dropped. cluster/kmeans: target batch-mean mask ratio.
+  config.masking.ratio = 0.5
+  # cluster/kmeans: every image masks at least this share; the encoder gets
+  # floor(L * (1 - min_ratio)) tokens (masked ones re-admitted at random to fill).
+  config.masking.min_ratio = 0.3
+  config.masking.anchor_ratio = 0.03  # cluster: share of patches drawn as anchors.
+  config.masking.calibration_steps = 24  # cluster: bisection steps for the threshold.
+  config.masking.num_clusters = 8  # kmeans: clusters per image.
+  config.masking.kmeans_iterations = 10  # kmeans: Lloyd iterations.
+  config.masking.show_every_steps = 0  # Log a mask picture to TensorBoard every N steps.
 
   config.data = ml_collections.ConfigDict()
   config.data.train = ""  # ArrayRecord shards (dir, glob or comma list); "": built-in dataset.
@@ -77,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50  # Fetch and write metrics every N steps.
   config.checkpoint_every_steps = 1_000  # Save a checkpoint every N steps (and at the end).
   config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+  # Initialise the parameters (not the optimizer) from another run's newest checkpoint
+  # when this workdir has none: e.g. FLIP's unmasked tuning after masked pretraining.
+  config.init_from = ""
   config.stop_after_steps = 0  # End this run after N steps (checkpointed); 0: run to the end.
   config.max_nonfinite_streak = 20  # Stop after this many non-finite losses in a row.
   return config

@@ -12,7 +12,7 @@ from vlp_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, steps=600, batch_size=64)
+  args = config_lib.parse_arg(arg, steps=600, batch_size=64, masking="none")
   config = base_config()
   config.batch_size = args.batch_size
   config.total_steps = args.steps
@@ -25,6 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.text.depth = 4
   config.model.text.num_heads = 4
   config.model.text.mlp_dim = 512
+
+  config.masking.kind = args.masking  # none | random | cluster | kmeans
+  config.masking.anchor_ratio = 0.05  # 3 anchors of 64 patches
+  config.masking.num_clusters = 6
 
   config.data.crop_scale = (0.8, 1.0)  # Mild crops keep every shape in view.
   config.data.flip = False  # A flip would turn "left of" into "right of".

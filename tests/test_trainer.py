@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import ROOT
-from vlp_jax import sharding, trainer
+from vlp_jax import checkpointing, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 
 
@@ -23,7 +23,9 @@ def _host_batches(exp, num):
 
 def _run_steps(exp, batches):
   state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  step_fn = trainer.compile_train_step(exp.model, exp.tx, exp.schedule, exp.mesh, state_sharding)
+  step_fn = trainer.compile_train_step(
+    exp.model, exp.tx, exp.schedule, exp.masker, exp.mesh, state_sharding
+  )
   losses = []
   for batch in batches:
     state, metrics = step_fn(state, sharding.host_to_global(batch, exp.mesh))
@@ -54,7 +56,9 @@ def test_nonfinite_loss_skips_the_update(tiny_config, tmp_path):
   params["logit_scale"] = jnp.float32(jnp.nan)
   state = state.replace(params=params)
   before = jax.device_get(state.params)
-  step_fn = trainer.compile_train_step(exp.model, exp.tx, exp.schedule, exp.mesh, state_sharding)
+  step_fn = trainer.compile_train_step(
+    exp.model, exp.tx, exp.schedule, exp.masker, exp.mesh, state_sharding
+  )
   batch = sharding.host_to_global(_host_batches(exp, 1)[0], exp.mesh)
   new_state, metrics = step_fn(state, batch)
   assert int(new_state.step) == 1
@@ -150,3 +154,42 @@ def test_cli_rejects_an_unknown_config_key(tmp_path):
   assert result.returncode != 0
   assert "lrr" in result.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_masked_run_logs_mask_pictures_and_a_tuning_run_starts_from_its_params(
+  tiny_config, tmp_path
+):
+  import tensorflow as tf
+
+  source, tuned = str(tmp_path / "source"), str(tmp_path / "tuned")
+  tiny_config.masking.kind = "kmeans"
+  tiny_config.masking.show_every_steps = 2
+  tiny_config.total_steps = 2
+  trainer.train_and_evaluate(tiny_config, source)
+  tags = set()
+  for events in Path(source).glob("events.out.tfevents*"):
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+      tags.update(value.tag for value in event.summary.value)
+  assert {"masks", "mask/mask_ratio_mean", "mask/num_clusters", "loss"} <= tags
+
+  # FLIP-style unmasked tuning from the masked run; lr 0 so the parameters cannot move.
+  tuning = tiny_config.copy_and_resolve_references()
+  tuning.masking.kind = "none"
+  tuning.init_from = source
+  tuning.optim.lr = 0.0
+  tuning.total_steps = 1
+  trainer.train_and_evaluate(tuning, tuned)
+  checkpointer = ocp.StandardCheckpointer()
+  before = checkpointer.restore(os.path.join(source, "checkpoints", "2", "state"))["params"]
+  after = checkpointer.restore(os.path.join(tuned, "checkpoints", "1", "state"))["params"]
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_init_from_a_run_without_checkpoints_fails_with_its_path(tiny_config, tmp_path):
+  tiny_config.init_from = str(tmp_path)
+  exp = trainer.create_experiment(tiny_config, str(tmp_path / "run"))
+  abstract, shardings = trainer.abstract_train_state(exp.model, exp.tx, exp.mesh, 0)
+  with pytest.raises(ConfigError, match="no checkpoint in"):
+    checkpointing.load_params(
+      str(tmp_path), checkpointing.abstract_with_shardings(abstract, shardings)
+    )

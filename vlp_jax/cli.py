@@ -24,5 +24,4 @@ class _DropLibraryInfo(py_logging.Filter):
 
 def quiet_library_logs() -> None:
   """Keeps our INFO lines and the libraries' warnings; drops the libraries' INFO chatter."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.get_absl_handler().addFilter(_DropLibraryInfo())

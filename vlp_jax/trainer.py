@@ -1,15 +1,15 @@
-"""CLIP training: train state, the jitted step, checkpoint/resume, and the loop.
+"""CLIP training: train state, the jitted step, and the loop.
 
-Read top to bottom: TrainState -> train_step -> Experiment (everything built from the
-config, validated before any compute) -> create_train_state -> checkpoints ->
-train_and_evaluate.
+Read top to bottom: TrainState -> train_step (masking -> towers -> InfoNCE -> AdamW) ->
+Experiment (everything built from the config, validated before any compute) ->
+create_train_state -> train_and_evaluate. Checkpoints live in checkpointing.py, the
+progress log in progress.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -27,11 +27,12 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from vlp_jax import evaluation, optim, sharding
+from vlp_jax import checkpointing, evaluation, masking, optim, progress, sharding
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import retrieval
 from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
 from vlp_jax.losses import clip_loss
+from vlp_jax.masking import show
 from vlp_jax.models import CLIP, create_model
 
 # Batch fields that go to the devices; the rest (record index, skip count) stay on the host.
@@ -55,11 +56,14 @@ def train_step(
   model: CLIP,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
+  masker: masking.Masker,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; a non-finite loss leaves the state unchanged."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  keep_indices, mask_stats = masker(step_rng, batch["image"])
 
   def loss_fn(params):
-    out = model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = model.apply({"params": params}, batch["image"], batch["tokens"], keep_indices)
     loss, metrics = clip_loss(out["image"], out["text"], out["logit_scale"])
     return loss, {**metrics, "logit_scale": out["logit_scale"]}
 
@@ -76,6 +80,7 @@ def train_step(
     nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
     nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
   )
+  metrics.update({f"mask/{k}": v for k, v in mask_stats.items()})
   metrics.update(
     learning_rate=schedule(state.step),
     grad_norm=grad_norm,
@@ -102,6 +107,7 @@ class Experiment:
   total_steps: int
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  masker: masking.Masker
 
   def train_dataset(self) -> grain.IterDataset:
     data = self.config.data
@@ -168,8 +174,8 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
       f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple of "
       f"{shards_per_batch}"
     )
-  if config.masking.kind != "none":
-    raise ConfigError(f"config.masking.kind={config.masking.kind!r} is not known")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
   if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
     raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
   _check_workdir(workdir)
@@ -204,6 +210,13 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
   )
   try:
     model = create_model(config.model, tokenizer.vocab_size)
+    masker = masking.create_masker(
+      config.masking,
+      num_patches=model.visual.num_patches,
+      patch_size=model.visual.size.patch_size,
+      mean=model.visual.mean,
+      std=model.visual.std,
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -224,6 +237,7 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     total_steps=total_steps,
     schedule=schedule,
     tx=optim.create_optimizer(config.optim, schedule),
+    masker=masker,
   )
 
 
@@ -268,135 +282,27 @@ def compile_train_step(
   model: CLIP,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
+  masker: masking.Masker,
   mesh: Mesh,
   state_sharding: Any,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step` jitted once with explicit shardings; the old state's buffers are donated."""
   return jax.jit(
-    functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+    functools.partial(train_step, model=model, tx=tx, schedule=schedule, masker=masker),
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
 
 
-def abstract_with_shardings(state: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-  )
-
-
-def create_checkpoint_manager(
-  workdir: str, config: ml_collections.ConfigDict
-) -> ocp.CheckpointManager:
-  # Orbax writes each checkpoint to a temporary directory and renames it when complete,
-  # so a crash mid-save never damages the last good checkpoint.
-  return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), "checkpoints"),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints,
-      create=True,
-    ),
-  )
-
-
-def restore_state(
-  manager: ocp.CheckpointManager,
-  step: int,
-  abstract_state: Any,
-  data_iterator: grain.DatasetIterator | None = None,
-) -> TrainState:
-  """Restores the state (and the data iterator, in place) saved at `step`."""
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return (
-    f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-    if seconds >= 3600
-    else f"{seconds // 60}m{seconds % 60:02d}s"
-  )
-
-
-def create_metric_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard scalars from process 0; the log gets our own compact lines instead."""
-  if jax.process_index() > 0:
-    return metric_writers.MultiWriter([])
-  return metric_writers.SummaryWriter(workdir)
-
-
-def write_json(path: str, payload: dict) -> None:
-  if jax.process_index() == 0:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-class _ProgressLog:
-  """Turns the device metrics of the last steps into one log line and TensorBoard scalars."""
-
-  def __init__(self, writer: metric_writers.MetricWriter, exp: Experiment, start_step: int):
-    self.writer = writer
-    self.exp = exp
-    self.last_step, self.last_time = start_step, time.time()
-    self.pending: list[dict[str, jax.Array]] = []
-    self.records_seen = 0
-    self.records_skipped = 0
-    self.paused = 0.0  # Seconds spent outside training steps (evaluation) since last flush.
-
-  def add(self, metrics: dict[str, jax.Array], skipped: int) -> None:
-    self.pending.append(metrics)
-    self.records_seen += self.exp.local_batch_size + skipped
-    self.records_skipped += skipped
-
-  def flush(self, step: int) -> dict[str, float]:
-    fetched = jax.device_get(self.pending)  # The one host sync per logging interval.
-    self.pending = []
-    metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    for key in ("nonfinite_streak", "nonfinite_total"):
-      metrics[key] = float(fetched[-1][key])
-    now = time.time()
-    steps_per_s = (step - self.last_step) / max(now - self.last_time - self.paused, 1e-9)
-    self.last_step, self.last_time, self.paused = step, now, 0.0
-    examples_per_s = steps_per_s * self.exp.config.batch_size
-    metrics["examples_per_sec"] = examples_per_s
-    metrics["examples_per_sec_per_device"] = examples_per_s / jax.device_count()
-    metrics["data/skipped"] = float(self.records_skipped)
-    self.writer.write_scalars(step, metrics)
-    if jax.process_index() == 0:
-      with open(os.path.join(self.exp.workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    eta = (self.exp.total_steps - step) / max(steps_per_s, 1e-9)
-    logging.info(
-      "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | ETA %s",
-      step,
-      self.exp.total_steps,
-      metrics["loss"],
-      metrics["learning_rate"],
-      examples_per_s,
-      _format_duration(eta),
-    )
-    return metrics
-
-  def check_health(self, config: ml_collections.ConfigDict, metrics: dict[str, float]) -> None:
-    if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
-      raise FloatingPointError(
-        f"{int(metrics['nonfinite_streak'])} non-finite losses in a row "
-        f"(config.max_nonfinite_streak={config.max_nonfinite_streak}); updates were skipped. "
-        "Lower config.optim.lr or check the data."
-      )
-    fraction = self.records_skipped / max(self.records_seen, 1)
-    if self.records_skipped and fraction > config.data.max_skipped_fraction:
-      raise RuntimeError(
-        f"{self.records_skipped} of {self.records_seen} records were corrupt and skipped "
-        f"({fraction:.1%} > config.data.max_skipped_fraction="
-        f"{config.data.max_skipped_fraction}); see the warnings above for which"
-      )
+def mask_picture(exp: Experiment, images: np.ndarray, step: int) -> np.ndarray:
+  """(1, H, W, 3) uint8: the images with the patches the encoder drops (and the clusters)."""
+  rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), step)
+  rows = {"dropped": show.compute_masks(exp.masker, rng, images)}
+  if isinstance(exp.masker, masking.ClusterMasking):
+    rows["clusters"] = show.cluster_masks(exp.masker, rng, images)
+  patch_size = exp.model.visual.size.patch_size
+  return show.draw_mask_grid(images, list(rows.values()), list(rows), patch_size)[None]
 
 
 def run_eval(
@@ -408,7 +314,7 @@ def run_eval(
 ) -> dict[str, float]:
   metrics = evaluator.evaluate(params)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-  write_json(
+  progress.write_json(
     os.path.join(workdir, "eval_retrieval.json"),
     {"step": step, "task": "zeroshot_retrieval", "dataset": evaluator.name, "metrics": metrics},
   )
@@ -422,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = create_metric_writer(workdir)
+  writer = progress.create_metric_writer(workdir)
   state, state_sharding = create_train_state(exp.model, exp.tx, exp.mesh, config.seed)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
@@ -435,14 +341,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   train_iter = iter(exp.train_dataset())
-  manager = create_checkpoint_manager(workdir, config)
+  manager = checkpointing.create_checkpoint_manager(workdir, config)
   if (latest := manager.latest_step()) is not None:
     logging.info("Resuming from the checkpoint of step %d", latest)
-    state = restore_state(
-      manager, latest, abstract_with_shardings(state, state_sharding), train_iter
+    state = checkpointing.restore_state(
+      manager, latest, checkpointing.abstract_with_shardings(state, state_sharding), train_iter
     )
+  elif config.init_from:
+    logging.info("Initialising the parameters from %s", config.init_from)
+    abstract = checkpointing.abstract_with_shardings(state, state_sharding)
+    state = state.replace(params=checkpointing.load_params(config.init_from, abstract))
 
-  step_fn = compile_train_step(exp.model, exp.tx, exp.schedule, exp.mesh, state_sharding)
+  step_fn = compile_train_step(
+    exp.model, exp.tx, exp.schedule, exp.masker, exp.mesh, state_sharding
+  )
   evaluator = exp.evaluator()
   eval_metrics: dict[str, float] = {}
   try:
@@ -466,7 +378,7 @@ def _train_loop(
 ) -> dict[str, float]:
   config, workdir = exp.config, exp.workdir
   start_step = int(state.step)
-  progress = _ProgressLog(writer, exp, start_step)
+  log = progress.ProgressLog(writer, exp, start_step)
   stop_step = start_step + config.stop_after_steps if config.stop_after_steps else None
   eval_metrics: dict[str, float] = {}
   for step in range(start_step + 1, exp.total_steps + 1):
@@ -474,9 +386,12 @@ def _train_loop(
     device_batch = {k: host_batch[k] for k in MODEL_INPUTS}
     state, metrics = step_fn(state, sharding.host_to_global(device_batch, exp.mesh))
     last_step = step == exp.total_steps or step == stop_step
-    progress.add(metrics, int(host_batch["skipped"].sum()))
+    log.add(metrics, int(host_batch["skipped"].sum()))
     if step % config.log_every_steps == 0 or last_step:
-      progress.check_health(config, progress.flush(step))
+      log.check_health(config, log.flush(step))
+    show_every = config.masking.show_every_steps
+    if show_every and step % show_every == 0 and jax.process_index() == 0:
+      writer.write_images(step, {"masks": mask_picture(exp, host_batch["image"][:8], step)})
     if step % config.checkpoint_every_steps == 0 or last_step:
       manager.save(
         step,
@@ -488,7 +403,7 @@ def _train_loop(
     if (config.eval.every_steps and step % config.eval.every_steps == 0) or last_step:
       eval_start = time.time()
       eval_metrics = run_eval(evaluator, state.params, step, workdir, writer)
-      progress.paused += time.time() - eval_start
+      log.paused += time.time() - eval_start
     if step == stop_step:
       logging.info(
         "Stopping after %d steps of this run (config.stop_after_steps)", config.stop_after_steps
@@ -504,11 +419,13 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Evaluates the newest (or the given) checkpoint of a run on the held-out set."""
   exp = create_experiment(config, workdir)
-  manager = create_checkpoint_manager(workdir, config)
+  manager = checkpointing.create_checkpoint_manager(workdir, config)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   abstract, state_sharding = abstract_train_state(exp.model, exp.tx, exp.mesh, config.seed)
-  state = restore_state(manager, step, abstract_with_shardings(abstract, state_sharding))
-  writer = create_metric_writer(workdir)
+  state = checkpointing.restore_state(
+    manager, step, checkpointing.abstract_with_shardings(abstract, state_sharding)
+  )
+  writer = progress.create_metric_writer(workdir)
   return run_eval(exp.evaluator(), state.params, step, workdir, writer)

@@ -16,7 +16,6 @@ RESERVED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def import_tensorflow():
   """Imports TensorFlow for host-side text ops only: no GPU memory grab, one thread."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
 
   try:

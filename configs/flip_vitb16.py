@@ -1,0 +1,31 @@
+"""FLIP: CLIP ViT-B/16 with 50% random patch masking (the cluster-masking baseline).
+
+  python train.py --config=configs/flip_vitb16.py --workdir=/runs/flip ...
+  python train.py --config=configs/flip_vitb16.py:ratio=0.75 ...
+  # Unmasked tuning after pretraining (mask ratio 0, small lr, from a checkpoint):
+  python train.py --config=configs/flip_vitb16.py:unmasked_tuning=True \
+      --config.init_from=/runs/flip --workdir=/runs/flip_tuned ...
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import clip_vitb16
+from vlp_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(
+    arg, variant="B/16", batch_size=2048, epochs=32.0, ratio=0.5, unmasked_tuning=False
+  )
+  config = clip_vitb16.get_config(
+    f"variant={args.variant},batch_size={args.batch_size},epochs={args.epochs},"
+    f"unmasked_tuning={args.unmasked_tuning}"
+  )
+  with config.unlocked():
+    if not args.unmasked_tuning:
+      config.masking.kind = "random"
+      config.masking.ratio = args.ratio
+    config.masking.show_every_steps = 5_000
+  return config

@@ -1,0 +1,103 @@
+"""Progress reporting: one log line and TensorBoard scalars per logging interval."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+if TYPE_CHECKING:
+  from vlp_jax.trainer import Experiment
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return (
+    f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    if seconds >= 3600
+    else f"{seconds // 60}m{seconds % 60:02d}s"
+  )
+
+
+def create_metric_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard scalars from process 0; the log gets our own compact lines instead."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.SummaryWriter(workdir)
+
+
+def write_json(path: str, payload: dict) -> None:
+  if jax.process_index() == 0:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class ProgressLog:
+  """Turns the device metrics of the last steps into one log line and TensorBoard scalars."""
+
+  def __init__(self, writer: metric_writers.MetricWriter, exp: Experiment, start_step: int):
+    self.writer = writer
+    self.exp = exp
+    self.last_step, self.last_time = start_step, time.time()
+    self.pending: list[dict[str, jax.Array]] = []
+    self.records_seen = 0
+    self.records_skipped = 0
+    self.paused = 0.0  # Seconds spent outside training steps (evaluation) since last flush.
+
+  def add(self, metrics: dict[str, jax.Array], skipped: int) -> None:
+    self.pending.append(metrics)
+    self.records_seen += self.exp.local_batch_size + skipped
+    self.records_skipped += skipped
+
+  def flush(self, step: int) -> dict[str, float]:
+    fetched = jax.device_get(self.pending)  # The one host sync per logging interval.
+    self.pending = []
+    metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    for key in ("nonfinite_streak", "nonfinite_total"):
+      metrics[key] = float(fetched[-1][key])
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time - self.paused, 1e-9)
+    self.last_step, self.last_time, self.paused = step, now, 0.0
+    examples_per_s = steps_per_s * self.exp.config.batch_size
+    metrics["examples_per_sec"] = examples_per_s
+    metrics["examples_per_sec_per_device"] = examples_per_s / jax.device_count()
+    metrics["data/skipped"] = float(self.records_skipped)
+    self.writer.write_scalars(step, metrics)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.exp.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    eta = (self.exp.total_steps - step) / max(steps_per_s, 1e-9)
+    logging.info(
+      "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | ETA %s",
+      step,
+      self.exp.total_steps,
+      metrics["loss"],
+      metrics["learning_rate"],
+      examples_per_s,
+      _format_duration(eta),
+    )
+    return metrics
+
+  def check_health(self, config: ml_collections.ConfigDict, metrics: dict[str, float]) -> None:
+    if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
+      raise FloatingPointError(
+        f"{int(metrics['nonfinite_streak'])} non-finite losses in a row "
+        f"(config.max_nonfinite_streak={config.max_nonfinite_streak}); updates were skipped. "
+        "Lower config.optim.lr or check the data."
+      )
+    fraction = self.records_skipped / max(self.records_seen, 1)
+    if self.records_skipped and fraction > config.data.max_skipped_fraction:
+      raise RuntimeError(
+        f"{self.records_skipped} of {self.records_seen} records were corrupt and skipped "
+        f"({fraction:.1%} > config.data.max_skipped_fraction="
+        f"{config.data.max_skipped_fraction}); see the warnings above for which"
+      )
