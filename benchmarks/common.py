@@ -6,6 +6,7 @@ trainer) must not be loaded before torchvision, and each side gets the whole mac
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -19,6 +20,25 @@ OPEN_CLIP_NAMES = {"B/16": "ViT-B-16", "B/32": "ViT-B-32", "L/14": "ViT-L-14"}
 VOCAB_SIZE = 49408  # CLIP's BPE vocabulary, as open_clip's models use.
 CONTEXT = 77
 RESULT_PREFIX = "RESULT "
+
+
+SHARED_FLAGS = ("batch_size", "steps", "warmup", "variant")
+
+
+def create_parser(description: str, steps: int, results_name: str) -> argparse.ArgumentParser:
+  """The flags every CLIP benchmark takes; each script adds its own."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=steps)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--variant", default="B/16", choices=sorted(OPEN_CLIP_NAMES))
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results", results_name))
+  return parser
+
+
+def shared_flags(args: argparse.Namespace) -> list[str]:
+  """The shared flags as a subprocess command line."""
+  return [f"--{k}={getattr(args, k)}" for k in SHARED_FLAGS]
 
 
 def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:

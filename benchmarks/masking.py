@@ -15,7 +15,6 @@ benchmarks/results/masking.json. Needs `pip install -r benchmarks/requirements.t
 from __future__ import annotations
 
 import argparse
-import os
 
 import common
 
@@ -56,19 +55,14 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--variant", default="B/16", choices=sorted(common.OPEN_CLIP_NAMES))
+  parser = common.create_parser(__doc__.split("\n")[0], steps=5, results_name="masking.json")
   parser.add_argument("--case", help=argparse.SUPPRESS)
-  parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks/results/masking.json"))
   args = parser.parse_args()
   if args.case:
     common.emit(measure(args))
     return
 
-  shared = [f"--{k}={getattr(args, k)}" for k in ("batch_size", "steps", "warmup", "variant")]
+  shared = common.shared_flags(args)
   results = {}
   for case in [*JAX_CASES, TORCH_CASE]:
     results[case] = common.run_isolated(__file__, [*shared, f"--case={case}"])

@@ -11,7 +11,6 @@ benchmarks/results/train_step.json. Needs `pip install -r benchmarks/requirement
 from __future__ import annotations
 
 import argparse
-import os
 
 import common
 
@@ -31,21 +30,14 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--variant", default="B/16", choices=sorted(common.OPEN_CLIP_NAMES))
+  parser = common.create_parser(__doc__.split("\n")[0], steps=10, results_name="train_step.json")
   parser.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
-  parser.add_argument(
-    "--out", default=os.path.join(common.ROOT, "benchmarks/results/train_step.json")
-  )
   args = parser.parse_args()
   if args.only:
     common.emit(measure(args))
     return
 
-  shared = [f"--{k}={getattr(args, k)}" for k in ("batch_size", "steps", "warmup", "variant")]
+  shared = common.shared_flags(args)
   results = {
     name: common.run_isolated(__file__, [*shared, f"--only={name}"]) for name in ("jax", "torch")
   }
