@@ -19,6 +19,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  cli.initialize_distributed()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -56,44 +56,41 @@ def median(times: Sequence[float]) -> float:
   return statistics.median(times)
 
 
-def jax_clip(variant: str, batch_size: int, **masking: object):
-  """(config, experiment-like parts, batch) for vlp_jax's CLIP on random data."""
+def jax_step(config, mesh=None, vocab_size: int = VOCAB_SIZE):
+  """(state, compiled step, masker, random batch) of vlp_jax's trainer for `config`."""
   sys.path.insert(0, ROOT)
   import numpy as np
 
+  from vlp_jax import sharding, trainer
+
+  mesh = mesh or sharding.create_mesh({"data": -1})
+  parts = trainer.create_step_parts(config, mesh, vocab_size, 0, total_steps=1000)
+  state, state_sharding = trainer.create_train_state(parts.model, parts.tx, mesh, seed=0)
+  step_fn = trainer.compile_train_step(
+    parts.model, parts.tx, parts.schedule, parts.masker, mesh, state_sharding
+  )
+  rng = np.random.default_rng(0)
+  size, context = parts.model.visual.image_size, parts.model.text.context_length
+  batch = sharding.host_to_global(
+    {
+      "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+      "tokens": rng.integers(1, vocab_size, (config.batch_size, context), dtype=np.int32),
+    },
+    mesh,
+  )
+  return state, step_fn, parts.masker, batch
+
+
+def jax_clip(variant: str, batch_size: int, **masking: object):
+  """(state, step, masker, batch) for vlp_jax's CLIP (configs/clip_vitb16.py) on random data."""
+  sys.path.insert(0, ROOT)
   from configs import clip_vitb16
-  from vlp_jax import masking as masking_lib
-  from vlp_jax import optim, sharding, trainer
-  from vlp_jax.models import create_model
 
   config = clip_vitb16.get_config(f"variant={variant},batch_size={batch_size}")
   with config.unlocked():
     for key, value in masking.items():
       setattr(config.masking, key, value)
-  model = create_model(config.model, VOCAB_SIZE)
-  visual = model.visual
-  masker = masking_lib.create_masker(
-    config.masking,
-    num_patches=visual.num_patches,
-    patch_size=visual.size.patch_size,
-    mean=visual.mean,
-    std=visual.std,
-  )
-  schedule = optim.create_schedule(config.optim, total_steps=1000)
-  tx = optim.create_optimizer(config.optim, schedule)
-  mesh = sharding.create_mesh({"data": -1})
-  state, state_sharding = trainer.create_train_state(model, tx, mesh, seed=0)
-  step_fn = trainer.compile_train_step(model, tx, schedule, masker, mesh, state_sharding)
-  rng = np.random.default_rng(0)
-  size = visual.image_size
-  batch = sharding.host_to_global(
-    {
-      "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-      "tokens": rng.integers(1, VOCAB_SIZE, (batch_size, CONTEXT), dtype=np.int32),
-    },
-    mesh,
-  )
-  return state, step_fn, masker, batch
+  return jax_step(config)
 
 
 def jax_step_runner(state, step_fn, batch) -> Callable[[], None]:

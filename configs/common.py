@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vlp_jax.config_lib import EVAL_TASKS
+
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields a run reads, with defaults; variant configs override a few."""
@@ -13,14 +15,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 0  # Training steps; 0 derives them from num_epochs.
   config.num_epochs = 1.0  # Used when total_steps is 0: epochs over config.data.train.
   # Device mesh axis -> size; -1 takes the remaining devices. The batch splits over
-  # "data" and "fsdp"; an "fsdp" axis > 1 also shards parameters and optimizer state.
-  config.mesh = ml_collections.ConfigDict({"data": -1})
+  # "data" and "fsdp"; "fsdp" > 1 also shards parameters and optimizer state (FSDP);
+  # "tensor" > 1 splits the transformer's MLP and attention weights (Megatron-style).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 512  # Joint embedding width.
   config.model.activation = "gelu"  # "gelu" (exact) or "quick_gelu" (OpenAI CLIP).
   config.model.dtype = "float32"  # Compute dtype; params stay float32. "bfloat16" on TPU/GPU.
-  config.model.remat = False  # Rematerialise transformer blocks to save activation memory.
+  # Activation rematerialisation: "none", "full" (recompute blocks: least memory) or
+  # "dots" (keep matmul outputs, recompute elementwise ops).
+  config.model.remat = "none"
   config.model.image = ml_collections.ConfigDict()
   config.model.image.variant = "B/16"  # ViT size/patch, e.g. "Ti/16", "S/16", "B/16", "L/14".
   config.model.image.image_size = 224  # Input resolution in pixels.
@@ -38,6 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.text.num_heads = 8
   config.model.text.mlp_dim = 2048
 
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid).
+  # clip: "auto" (XLA places the gathers), "gathered" (all-gather features, full logits
+  # on every device) or "local" (each device scores its own rows). siglip: "auto"/"full"
+  # (B x B logits) or "ring" (text chunks passed around the devices; b x b at a time).
+  config.loss.form = "auto"
+  # Split each global batch into this many microbatches, with negatives shared across the
+  # whole batch (features are cached, then each microbatch is re-run with gradients).
+  config.grad_accum_steps = 1
+
   config.masking = ml_collections.ConfigDict()
   config.masking.kind = "none"  # Image patch masking: "none", "random" (FLIP), "cluster", "kmeans".
   # random: share of patches dropped. cluster/kmeans: target batch-mean mask ratio.
@@ -52,10 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.masking.show_every_steps = 0  # Log a mask picture to TensorBoard every N steps.
 
   config.data = ml_collections.ConfigDict()
-  config.data.train = ""  # ArrayRecord shards (dir, glob or comma list); "": built-in dataset.
+  # Training shards: a dir, glob or comma list; "a:0.7,b:0.3" (or a list of such strings)
+  # mixes shard sets by weight. "": the built-in dataset.
+  config.data.train = ml_collections.FieldReference("", field_type=object)
   config.data.eval = ""  # Held-out retrieval shards; "": the built-in held-out split.
-  config.data.vocab_file = ""  # WordPiece vocab (one token per line); "": built-in vocab.
-  config.data.lower_case = True  # Lower-case and strip accents before WordPiece.
+  # Tokeniser: "wordpiece" (BERT), "sentencepiece" or "clip_bpe" (CLIP's byte-level BPE).
+  config.data.tokenizer = "wordpiece"
+  # Its file: WordPiece vocab (one token per line), SentencePiece `.model`, or CLIP's merges
+  # (bpe_simple_vocab_16e6.txt.gz). "": the built-in dataset's WordPiece vocab.
+  config.data.vocab_file = ""
+  # Lower-case (WordPiece: and strip accents) first; SentencePiece uses its own normaliser.
+  config.data.lower_case = True
   config.data.cache_dir = ""  # Where the built-in dataset is written; "": ~/.cache/vlp_jax.
   config.data.crop_scale = (0.5, 1.0)  # Random-resized-crop area range.
   config.data.flip = True  # Random horizontal flips.
@@ -80,9 +102,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip_norm = 1.0  # Global-norm clipping.
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every_steps = 1_000  # Held-out retrieval every N steps (0: only at the end).
+  config.eval.every_steps = 1_000  # Run config.eval.tasks every N steps (0: only at the end).
   config.eval.batch_size = 256  # Global eval batch.
   config.eval.max_captions = 5  # Captions per image kept for retrieval (COCO has 5).
+  # Tasks run at every evaluation and by eval.py (its --tasks overrides): comma list of
+  # heldout (retrieval on data.eval, plus the built-in set's compositional probe),
+  # zeroshot_retrieval, zeroshot_classification, linear_probe, sugarcrepe, aro,
+  # winoground, crepe, svo.
+  config.eval.tasks = "heldout"
+  # Dataset of each task: "path[,key=value...]", several joined by ";" (eval.py:
+  # --data.<task>=...). Formats and options: vlp_jax/evaluation/readers.py,
+  # classification_readers.py and compositional_readers.py.
+  config.eval.data = ml_collections.ConfigDict({task: "" for task in EVAL_TASKS[1:]})
+  config.eval.recall_ks = (1, 5, 10)  # Retrieval recall@k.
+  config.eval.templates = ""  # Zero-shot prompt file, "{c}" per line; "": CLIP's 80 ImageNet ones.
+  # SVO probes: a pair matches when its cosine similarity exceeds this; None: the
+  # threshold that maximises the macro accuracy (an oracle, reported with the metrics).
+  config.eval.svo_threshold = ml_collections.FieldReference(None, field_type=float)
+  config.eval.linear_probe = ml_collections.ConfigDict()  # CLIP_benchmark's probe recipe.
+  config.eval.linear_probe.lr = 0.1
+  config.eval.linear_probe.epochs = 10
+  config.eval.linear_probe.batch_size = 64
+  config.eval.linear_probe.seed = 0
+  # Share of the training split held out to search the weight decay when the dataset
+  # has no validation split (val_split=); 0: no search, weight decay 0.
+  config.eval.linear_probe.val_proportion = 0.2
 
   config.log_every_steps = 50  # Fetch and write metrics every N steps.
   config.checkpoint_every_steps = 1_000  # Save a checkpoint every N steps (and at the end).
@@ -92,4 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.init_from = ""
   config.stop_after_steps = 0  # End this run after N steps (checkpointed); 0: run to the end.
   config.max_nonfinite_streak = 20  # Stop after this many non-finite losses in a row.
+  # jax.profiler trace of steps [profile_first_step, + profile_num_steps) into the workdir
+  # (TensorBoard's profile tab); 0: no trace.
+  config.profile_first_step = 0
+  config.profile_num_steps = 5
+  # Peak FLOP/s of one device for the logged MFU (perf/mfu); 0: look up the device kind
+  # (A100, H100, TPU v4/v5/v6), and no MFU where unknown (e.g. CPUs).
+  config.peak_flops_per_device = 0.0
   return config

@@ -1,6 +1,12 @@
-import jax.numpy as jnp
-import numpy as np
+import functools
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vlp_jax import losses, sharding
 from vlp_jax.losses import clip_loss
 
 
@@ -37,3 +43,81 @@ def test_clip_loss_is_low_for_aligned_and_high_for_shuffled_pairs():
   aligned, _ = clip_loss(jnp.asarray(x), jnp.asarray(x), jnp.float32(50.0))
   shuffled, _ = clip_loss(jnp.asarray(x), jnp.asarray(x[::-1]), jnp.float32(50.0))
   assert float(aligned) < 0.1 < np.log(16) < float(shuffled)
+
+
+def numpy_siglip_loss(image: np.ndarray, text: np.ndarray, scale: float, bias: float) -> float:
+  logits = scale * image @ text.T + bias
+  signs = 2 * np.eye(len(logits)) - 1
+  return float(np.logaddexp(0, -signs * logits).sum() / len(logits))
+
+
+def _embeddings(batch: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  image, text = rng.normal(size=(2, batch, dim)).astype(np.float32)
+  # Correlated pairs, so the positives score higher than most negatives.
+  text = text + 2 * image
+  image /= np.linalg.norm(image, axis=1, keepdims=True)
+  text /= np.linalg.norm(text, axis=1, keepdims=True)
+  return image, text
+
+
+def test_siglip_loss_matches_numpy_reference():
+  image, text = _embeddings(12, 8, 2)
+  loss, _ = losses.siglip_loss(jnp.asarray(image), jnp.asarray(text), 10.0, -10.0)
+  np.testing.assert_allclose(float(loss), numpy_siglip_loss(image, text, 10.0, -10.0), rtol=1e-5)
+
+
+MESHES = [{"data": 8}, {"data": 4, "fsdp": 2}, {"data": 2, "fsdp": 2, "tensor": 2}]
+
+
+@pytest.mark.parametrize("axes", MESHES, ids=str)
+@pytest.mark.parametrize(
+  ("kind", "form", "reference"),
+  [
+    ("clip", "gathered", losses.clip_loss),
+    ("clip", "local", losses.clip_loss),
+    ("siglip", "ring", losses.siglip_loss),
+  ],
+)
+def test_sharded_losses_equal_the_single_device_loss_and_gradients(axes, kind, form, reference):
+  mesh = sharding.create_mesh(axes)
+  config = ml_collections.ConfigDict({"kind": kind, "form": form})
+  sharded = losses.create_loss(config, mesh)
+  image, text = _embeddings(32, 16, 3)
+  scale, bias = jnp.float32(7.0), jnp.float32(-3.0)
+
+  def grads(loss_fn, image, text):
+    value_and_grad = jax.value_and_grad(lambda *a: loss_fn(*a)[0], argnums=(0, 1, 2, 3))
+    return value_and_grad(image, text, scale, bias)
+
+  expected_loss, expected_grads = grads(reference, jnp.asarray(image), jnp.asarray(text))
+  rows = sharding.batch_sharding(mesh)
+  placed = [jax.device_put(x, rows) for x in (image, text)]
+  loss, got_grads = jax.jit(functools.partial(grads, sharded))(*placed)
+  np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5)
+  for got, want in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+  if kind == "clip":
+    _, metrics = jax.jit(sharded)(*placed, scale, bias)
+    _, expected = reference(jnp.asarray(image), jnp.asarray(text), scale)
+    assert float(metrics["train_i2t_accuracy"]) == float(expected["train_i2t_accuracy"])
+
+
+def test_ring_siglip_accuracy_matches_the_full_form():
+  mesh = sharding.create_mesh({"data": 8})
+  image, text = _embeddings(32, 16, 4)
+  ring = losses.ring_siglip_loss(mesh)
+  rows = sharding.batch_sharding(mesh)
+  _, metrics = jax.jit(ring)(jax.device_put(image, rows), jax.device_put(text, rows), 5.0, 0.0)
+  _, expected = losses.siglip_loss(jnp.asarray(image), jnp.asarray(text), 5.0, 0.0)
+  assert float(metrics["train_i2t_accuracy"]) == float(expected["train_i2t_accuracy"])
+
+
+@pytest.mark.parametrize(
+  ("kind", "form", "message"),
+  [("infonce", "auto", "config.loss.kind='infonce'"), ("clip", "ring", "config.loss.form='ring'")],
+)
+def test_bad_loss_configs_name_the_key(kind, form, message):
+  config = ml_collections.ConfigDict({"kind": kind, "form": form})
+  with pytest.raises(ValueError, match=message):
+    losses.create_loss(config, sharding.create_mesh({"data": -1}))

@@ -26,7 +26,7 @@ def builtin_images(cache_dir):
   data = builtin.ensure_builtin(
     cache_dir, seed=0, num_train=256, num_heldout=64, image_size=32, vocab_size=1000
   )
-  tokenizer = tokenizers.create_tokenizer(data.vocab_file, 24)
+  tokenizer = tokenizers.create_tokenizer("wordpiece", data.vocab_file, 24)
   dataset = pipeline.create_eval_dataset(
     data.train_shards, tokenizer, image_size=64, max_captions=1
   )
@@ -151,9 +151,7 @@ def test_masked_train_step_compiles_once_over_five_steps(kind, tiny_config, tmp_
   tiny_config.masking.kind = kind
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
   state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  step_fn = trainer.compile_train_step(
-    exp.model, exp.tx, exp.schedule, exp.masker, exp.mesh, state_sharding
-  )
+  step_fn = exp.compile_step(state_sharding)
   iterator = iter(exp.train_dataset())
   batches = []
   for _ in range(5):

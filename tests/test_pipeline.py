@@ -1,3 +1,7 @@
+import io
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -13,7 +17,7 @@ def data(cache_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(data):
-  return tokenizers.create_tokenizer(data.vocab_file, context_length=24)
+  return tokenizers.create_tokenizer("wordpiece", data.vocab_file, context_length=24)
 
 
 def _train_dataset(shards, tokenizer, **overrides):
@@ -55,20 +59,28 @@ def test_pipeline_is_deterministic_for_a_seed(data, tokenizer):
   assert not np.array_equal(a[0]["index"], c[0]["index"])
 
 
-def test_two_processes_split_an_epoch_without_repeats_or_drops(data, tokenizer):
+def test_processes_split_each_global_batch_without_repeats_or_drops(data, tokenizer):
   per_process_epoch = 256 // 2 // 8  # batches
   seen = []
   for process in range(2):
     dataset = _train_dataset(data.train_shards, tokenizer, process_index=process, process_count=2)
-    seen.append(np.concatenate([b["index"] for b in _take(dataset, per_process_epoch)]))
-  assert not set(seen[0]) & set(seen[1])
-  union = np.concatenate(seen)
-  assert len(union) == len(set(union)) == 256
-  # The next epoch is a different order of the same records.
-  dataset = _train_dataset(data.train_shards, tokenizer, process_index=0, process_count=2)
-  two_epochs = np.concatenate([b["index"] for b in _take(dataset, 2 * per_process_epoch)])
-  second = two_epochs[len(seen[0]) :]
-  assert set(second) == set(seen[0]) and not np.array_equal(second, seen[0])
+    seen.append([b for b in _take(dataset, 2 * per_process_epoch)])
+  one_process = _take(_train_dataset(data.train_shards, tokenizer, batch_size=16), 2)
+  for epoch in range(2):
+    epoch_batches = slice(epoch * per_process_epoch, (epoch + 1) * per_process_epoch)
+    indices = [np.concatenate([b["index"] for b in s[epoch_batches]]) for s in seen]
+    assert not set(indices[0]) & set(indices[1])
+    union = np.concatenate(indices)
+    assert len(union) == len(set(union)) == 256
+  # Process 0's rows, then process 1's, are the one-process global batch, augmentation too.
+  for step in range(2):
+    for key in ("index", "image", "tokens"):
+      together = np.concatenate([seen[0][step][key], seen[1][step][key]])
+      np.testing.assert_array_equal(together, one_process[step][key])
+  # The next epoch is a new global order: each process gets a different set of records.
+  first = np.concatenate([b["index"] for b in seen[0][:per_process_epoch]])
+  second = np.concatenate([b["index"] for b in seen[0][per_process_epoch:]])
+  assert set(first) != set(second)
 
 
 def test_worker_processes_give_the_same_batches(data, tokenizer):
@@ -96,6 +108,53 @@ def test_iterator_state_resumes_the_exact_sequence(data, tokenizer):
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
+def test_mixture_follows_its_weights_and_resumes_exactly(data, tokenizer):
+  # Two sets: the first train shard (64 records) at weight 3, the other three at weight 1.
+  sets = [
+    records.ShardSet("a", tuple(data.train_shards[:1]), 3.0),
+    records.ShardSet("b", tuple(data.train_shards[1:]), 1.0),
+  ]
+  iterator = iter(_train_dataset(sets, tokenizer))
+  batches = [next(iterator) for _ in range(20)]
+  source = np.concatenate([b["source"] for b in batches])
+  index = np.concatenate([b["index"] for b in batches])
+  assert abs((source == 0).mean() - 0.75) < 0.05
+  assert index[source == 0].max() < 64 and index[source == 1].max() < 192
+  # 120 draws from set "a" cover its 64 records in each epoch before any repeat.
+  first_epoch = index[source == 0][:64]
+  assert len(set(first_epoch)) == 64
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]
+  fresh = iter(_train_dataset(sets, tokenizer))
+  fresh.set_state(state)
+  for x, y in zip(expected, [next(fresh) for _ in range(3)]):
+    for key in ("source", "index", "image", "tokens"):
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_mixture_specs_parse_weights_and_paths(data, tmp_path):
+  shard_dir = os.path.dirname(data.train_shards[0])
+  first, rest = data.train_shards[0], ",".join(data.train_shards[1:])
+  one = records.resolve_mixture(f"{first},{rest}")
+  assert len(one) == 1 and one[0].shards == tuple(data.train_shards)
+  mixed = records.resolve_mixture(f"{first}:0.7,{shard_dir}/heldout-*:0.3")
+  assert [s.weight for s in mixed] == [0.7, 0.3]
+  assert mixed[1].shards == tuple(data.heldout_shards)
+  listed = records.resolve_mixture([first, f"{data.train_shards[1]}:2"])
+  assert [s.weight for s in listed] == [1.0, 2.0]
+  # A colon that is not followed by a number belongs to the path.
+  odd = tmp_path / "a:b"
+  odd.mkdir()
+  shutil.copy(first, odd)
+  assert records.resolve_mixture(str(odd))[0].shards[0].startswith(str(odd))
+  with pytest.raises(ValueError, match="weight"):
+    records.resolve_mixture(f"{first}:0.7,{data.train_shards[1]}")
+  with pytest.raises(ValueError, match="positive"):
+    records.resolve_mixture(f"{first}:-1")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    records.resolve_mixture(f"{first}:1,/nowhere:1")
+
+
 def _write_shard_with_corrupt_records(tmp_path):
   good = builtin.encode_jpeg(builtin.generate_example(0, "train", 0, 32)["image"])
   items = []
@@ -120,6 +179,14 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path, tokenizer):
   assert set(indices[:28]) == {i for i in range(40) if i % 10 not in (3, 6, 8)}
   skipped = sum(int(b["skipped"].sum()) for b in batches)
   assert num_bad <= skipped <= 2 * num_bad
+
+
+def test_eval_reader_skips_and_counts_corrupt_records(tmp_path):
+  from vlp_jax.evaluation import readers
+
+  shards, num_bad = _write_shard_with_corrupt_records(tmp_path)
+  data = readers.read_record_retrieval(shards, max_captions=2, name="mixed")
+  assert data.skipped == num_bad and len(data.images) == len(data.captions) == 40 - num_bad
 
 
 def test_eval_dataset_marks_corrupt_records_as_none(tmp_path, tokenizer):
@@ -150,6 +217,59 @@ def test_images_of_any_mode_decode_to_rgb(make_image):
   assert decoded.mode == "RGB" and decoded.size == (20, 30)
   if image.mode == "RGBA":  # fully transparent -> white, not the hidden red
     assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB") -> bytes:
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=95)
+  return buffer.getvalue()
+
+
+def _smooth_picture(height: int, width: int) -> np.ndarray:
+  y, x = np.mgrid[:height, :width]
+  return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_fast_jpeg_decode_matches_pil(mode):
+  data = _jpeg(_smooth_picture(96, 128), mode)
+  reference = np.asarray(pipeline.open_image(data), np.float32)
+  pixels = pipeline.decode_pixels(data)
+  assert pixels.shape == (96, 128, 3) and pixels.dtype == np.uint8
+  assert np.abs(pixels - reference).mean() < 2
+  # A 4x smaller crop target lets the decoder shrink by 4 in the DCT.
+  small = pipeline.decode_pixels(data, max_shrink=4.5)
+  if mode == "CMYK":  # PIL's path: no DCT scaling, full size
+    assert small.shape == (96, 128, 3)
+  else:
+    assert small.shape == (24, 32, 3)
+    shrunk = reference.reshape(24, 4, 32, 4, 3).mean(axis=(1, 3))
+    assert np.abs(small - shrunk).mean() < 6
+
+
+def test_oversized_and_truncated_jpegs_are_refused_from_the_header():
+  data = bytearray(_jpeg(_smooth_picture(16, 16)))
+  sof = data.index(b"\xff\xc0")
+  data[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2  # height, width
+  with pytest.raises(pipeline.ImageError, match="30000x30000"):
+    pipeline.image_dimensions(bytes(data))
+  with pytest.raises(pipeline.ImageError, match="30000x30000"):
+    pipeline.decode_pixels(bytes(data))
+  good = _jpeg(_smooth_picture(64, 64))
+  with pytest.raises(pipeline.ImageError):
+    pipeline.decode_pixels(good[: len(good) // 2])
+
+
+def test_train_crops_resize_the_chosen_box():
+  # Left half black, right half white: a crop of the right half must come out white.
+  pixels = np.zeros((64, 128, 3), np.uint8)
+  pixels[:, 64:] = 255
+  out = pipeline.crop_resize_pixels(pixels, (70, 0, 128, 64), 32)
+  assert out.shape == (32, 32, 3) and out.min() == 255
+  out = pipeline.crop_resize_pixels(pixels, (0, 0, 128, 64), 16)  # 4x shrink: area filter
+  assert out[:, :7].max() == 0 and out[:, 9:].min() == 255
 
 
 def test_random_resized_crop_stays_inside_the_image():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from vlp_jax.config_lib import ConfigError
 
@@ -44,6 +47,35 @@ def restore_state(
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def restore_newest_good(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  data_iterator: grain.DatasetIterator | None = None,
+) -> tuple[int, Any] | None:
+  """(step, state) of the newest checkpoint that restores, or None when there is none.
+
+  A damaged newest checkpoint (files lost or truncated after it was written) is skipped
+  with a warning and moved aside to `<step>.damaged`, never deleted, so the run can
+  write that step again.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      return step, restore_state(manager, step, abstract_state, data_iterator)
+    except Exception as e:  # orbax and tensorstore raise many error types for bad files
+      logging.warning(
+        "Checkpoint of step %d cannot be restored (%s); trying an older one.", step, e
+      )
+      if jax.process_index() == 0:
+        damaged = os.path.join(manager.directory, str(step))
+        os.rename(damaged, f"{damaged}.damaged-{int(time.time())}")
+      multihost_utils.sync_global_devices(f"vlp_jax: moved damaged checkpoint {step}")
+      manager.reload()
+  if steps:
+    raise RuntimeError(f"no checkpoint in {manager.directory} can be restored (steps {steps})")
+  return None
 
 
 def load_params(run_or_checkpoints: str, abstract_state: Any) -> Any:

@@ -11,6 +11,20 @@ from typing import Any
 
 import ml_collections
 
+# Evaluation tasks, in report order (config.eval.tasks, eval.py --tasks). "heldout" reads
+# the run's own config.data.eval; every other task reads config.eval.data.<task>.
+EVAL_TASKS = (
+  "heldout",
+  "zeroshot_retrieval",
+  "zeroshot_classification",
+  "linear_probe",
+  "sugarcrepe",
+  "aro",
+  "winoground",
+  "crepe",
+  "svo",
+)
+
 
 class ConfigError(ValueError):
   """A config is inconsistent or names something that does not exist."""

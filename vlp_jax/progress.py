@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -41,12 +41,63 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+# Peak dense bf16 FLOP/s per device, from the vendors' datasheets, by device_kind prefix.
+PEAK_FLOPS_PER_DEVICE = {
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+  "TPU v6 lite": 918e12,
+  "TPU v5p": 459e12,
+  "TPU v5 lite": 197e12,
+  "TPU v4": 275e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float | None:
+  """`config.peak_flops_per_device` if set, else the table's entry; None when unknown."""
+  if configured > 0:
+    return configured
+  for prefix, flops in PEAK_FLOPS_PER_DEVICE.items():
+    if device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def compiled_flops(compiled: Any, num_devices: int) -> float | None:
+  """FLOPs of one call of a compiled SPMD program over `num_devices`, all together.
+
+  XLA's cost analysis counts the per-device program; rematerialised work counts too, so
+  with config.model.remat the MFU computed from it is closer to hardware FLOP use.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list | tuple):  # Older JAX: one dict per program.
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) * num_devices if flops else None
+
+
+def model_flops_utilization(
+  flops_per_step: float, seconds_per_step: float, peak_per_device: float, num_devices: int
+) -> float:
+  """MFU = step FLOPs / (step seconds x devices x peak FLOP/s per device)."""
+  return flops_per_step / (seconds_per_step * num_devices * peak_per_device)
+
+
 class ProgressLog:
   """Turns the device metrics of the last steps into one log line and TensorBoard scalars."""
 
-  def __init__(self, writer: metric_writers.MetricWriter, exp: Experiment, start_step: int):
+  def __init__(
+    self,
+    writer: metric_writers.MetricWriter,
+    exp: Experiment,
+    start_step: int,
+    flops_per_step: float | None = None,
+  ):
     self.writer = writer
     self.exp = exp
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, exp.config.peak_flops_per_device)
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak if flops_per_step else None
     self.last_step, self.last_time = start_step, time.time()
     self.pending: list[dict[str, jax.Array]] = []
     self.records_seen = 0
@@ -71,6 +122,10 @@ class ProgressLog:
     metrics["examples_per_sec"] = examples_per_s
     metrics["examples_per_sec_per_device"] = examples_per_s / jax.device_count()
     metrics["data/skipped"] = float(self.records_skipped)
+    if self.peak_flops:
+      metrics["perf/mfu"] = model_flops_utilization(
+        self.flops_per_step, 1 / max(steps_per_s, 1e-9), self.peak_flops, self.exp.mesh.size
+      )
     self.writer.write_scalars(step, metrics)
     if jax.process_index() == 0:
       with open(os.path.join(self.exp.workdir, "metrics.jsonl"), "a") as f:

@@ -1,8 +1,10 @@
 """Device mesh, batch sharding and parameter sharding from the config.
 
 The batch is split over the mesh's batch axes ("data" and "fsdp"). Parameters and
-optimizer state are replicated, or, when the mesh has an "fsdp" axis larger than one,
-sharded FSDP-style: the largest dimension divisible by the axis size is split.
+optimizer state are replicated, except: with a "tensor" axis larger than one, the MLP and
+attention projections are split Megatron-style (TENSOR_RULES); with an "fsdp" axis larger
+than one, every large tensor is also split FSDP-style over its largest divisible
+dimension. The config's mesh is the switch: {"data": -1, "fsdp": 8, "tensor": 2}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
 # Tensors smaller than this stay replicated under FSDP: splitting them saves nothing.
 FSDP_MIN_SIZE = 2**14
 
@@ -61,23 +64,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def fsdp_spec(shape: tuple[int, ...], axis_size: int) -> PartitionSpec:
-  """Splits the largest dimension divisible by `axis_size`; small tensors stay whole."""
-  if axis_size <= 1 or math.prod(shape) < FSDP_MIN_SIZE:
-    return PartitionSpec()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % axis_size == 0:
-      spec = [None] * len(shape)
-      spec[dim] = FSDP_AXIS
-      return PartitionSpec(*spec)
-  return PartitionSpec()
+# Megatron-style splits over a "tensor" axis: (parameter path suffix, dimension). The
+# MLP's hidden units and the attention projections are split; XLA inserts the collectives.
+TENSOR_RULES = (
+  ("mlp/c_fc/kernel", 1),
+  ("mlp/c_fc/bias", 0),
+  ("mlp/c_proj/kernel", 0),
+  ("attn/in_proj/kernel", 1),
+  ("attn/in_proj/bias", 0),
+  ("attn/out_proj/kernel", 0),
+)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> PartitionSpec:
+  """Tensor-parallel rule for `path` if one applies, then FSDP over the largest free
+  dimension divisible by the "fsdp" axis; tensors under FSDP_MIN_SIZE stay whole."""
+  spec: list[str | None] = [None] * len(shape)
+  tensor_size = mesh_shape.get(TENSOR_AXIS, 1)
+  if tensor_size > 1:
+    for suffix, dim in TENSOR_RULES:
+      if path.endswith(suffix) and shape[dim] % tensor_size == 0:
+        spec[dim] = TENSOR_AXIS
+        break
+  fsdp_size = mesh_shape.get(FSDP_AXIS, 1)
+  if fsdp_size > 1 and math.prod(shape) >= FSDP_MIN_SIZE:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if spec[dim] is None and shape[dim] % fsdp_size == 0:
+        spec[dim] = FSDP_AXIS
+        break
+  return PartitionSpec(*spec)
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every leaf of a (train state) pytree of ShapeDtypeStructs."""
-  axis_size = mesh.shape.get(FSDP_AXIS, 1)
-  return jax.tree.map(
-    lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), axis_size)), abstract_state
+  """NamedShardings for every leaf of a (train state) pytree of ShapeDtypeStructs.
+
+  Optimizer moments have their parameter's path as a suffix, so they shard alike.
+  """
+  mesh_shape = dict(mesh.shape)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: NamedSharding(
+      mesh, param_spec(_path_str(path), tuple(leaf.shape), mesh_shape)
+    ),
+    abstract_state,
   )
 
 

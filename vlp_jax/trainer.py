@@ -25,13 +25,20 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vlp_jax import checkpointing, evaluation, masking, optim, progress, sharding
+from vlp_jax import (
+  checkpointing,
+  evaluation,
+  losses,
+  masking,
+  optim,
+  preemption,
+  progress,
+  sharding,
+)
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.evaluation import retrieval
 from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
-from vlp_jax.losses import clip_loss
 from vlp_jax.masking import show
 from vlp_jax.models import CLIP, create_model
 
@@ -49,6 +56,82 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
+def _loss_and_grads(
+  params: Any,
+  batch: dict[str, jax.Array],
+  keep_indices: jax.Array | None,
+  *,
+  model: CLIP,
+  loss_fn: losses.LossFn,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+  def compute(params):
+    out = model.apply({"params": params}, batch["image"], batch["tokens"], keep_indices)
+    loss, metrics = loss_fn(out["image"], out["text"], out["logit_scale"], out.get("logit_bias"))
+    return loss, {**metrics, "logit_scale": out["logit_scale"]}
+
+  return jax.value_and_grad(compute, has_aux=True)(params)
+
+
+def _accumulated_loss_and_grads(
+  params: Any,
+  batch: dict[str, jax.Array],
+  keep_indices: jax.Array | None,
+  *,
+  model: CLIP,
+  loss_fn: losses.LossFn,
+  num_microbatches: int,
+  mesh: Mesh,
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+  """The loss and gradients of the whole batch, holding one microbatch's activations.
+
+  Negatives come from the whole batch (as GradCache does): (1) embed every microbatch
+  without gradients; (2) the loss over all embeddings and its gradients with respect to
+  them; (3) re-run each microbatch and backpropagate its slice of those gradients. Costs
+  one extra forward pass; equals the single-pass result up to float summation order.
+  """
+  inputs = {"image": batch["image"], "tokens": batch["tokens"]}
+  if keep_indices is not None:
+    inputs["keep"] = keep_indices
+  k = num_microbatches
+  micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.batch_axes(mesh)))
+
+  def split(x):
+    # Microbatch j holds rows j, j + k, ...: every device keeps its own rows.
+    x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def merge(x):
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+  def embed(params, micro):
+    variables = {"params": params}
+    image = model.apply(variables, micro["image"], micro.get("keep"), method=CLIP.encode_image)
+    text = model.apply(variables, micro["tokens"], method=CLIP.encode_text)
+    return image, text
+
+  micro = jax.tree.map(split, inputs)
+  _, (images, texts) = jax.lax.scan(lambda c, m: (c, embed(params, m)), None, micro)
+
+  def batch_loss(params, images, texts):
+    temperature = model.apply({"params": params}, method=CLIP.temperature)
+    scale = temperature["logit_scale"]
+    loss, metrics = loss_fn(images, texts, scale, temperature.get("logit_bias"))
+    return loss, {**metrics, "logit_scale": scale}
+
+  (loss, metrics), (grads, image_grads, text_grads) = jax.value_and_grad(
+    batch_loss, argnums=(0, 1, 2), has_aux=True
+  )(params, merge(images), merge(texts))
+
+  def backprop(grads, xs):
+    micro, image_grad, text_grad = xs
+    _, vjp = jax.vjp(lambda p: embed(p, micro), params)
+    (micro_grads,) = vjp((image_grad, text_grad))
+    return jax.tree.map(jnp.add, grads, micro_grads), None
+
+  grads, _ = jax.lax.scan(backprop, grads, (micro, split(image_grads), split(text_grads)))
+  return (loss, metrics), grads
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -57,17 +140,27 @@ def train_step(
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   masker: masking.Masker,
+  loss_fn: losses.LossFn = losses.clip_loss,
+  grad_accum_steps: int = 1,
+  mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; a non-finite loss leaves the state unchanged."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   keep_indices, mask_stats = masker(step_rng, batch["image"])
-
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch["image"], batch["tokens"], keep_indices)
-    loss, metrics = clip_loss(out["image"], out["text"], out["logit_scale"])
-    return loss, {**metrics, "logit_scale": out["logit_scale"]}
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if grad_accum_steps > 1:
+    (loss, metrics), grads = _accumulated_loss_and_grads(
+      state.params,
+      batch,
+      keep_indices,
+      model=model,
+      loss_fn=loss_fn,
+      num_microbatches=grad_accum_steps,
+      mesh=mesh,
+    )
+  else:
+    (loss, metrics), grads = _loss_and_grads(
+      state.params, batch, keep_indices, model=model, loss_fn=loss_fn
+    )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
@@ -99,20 +192,21 @@ class Experiment:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Mesh
-  tokenizer: tokenizers.WordPieceTokenizer
+  tokenizer: tokenizers.Tokenizer
   model: CLIP
-  train_shards: list[str]
+  train_sets: list[records.ShardSet]  # Training shard sets and their mixing weights.
   eval_shards: list[str]
   local_batch_size: int
   total_steps: int
   schedule: optax.Schedule
   tx: optax.GradientTransformation
   masker: masking.Masker
+  loss_fn: losses.LossFn
 
   def train_dataset(self) -> grain.IterDataset:
     data = self.config.data
     return pipeline.create_train_dataset(
-      self.train_shards,
+      self.train_sets,
       self.tokenizer,
       batch_size=self.local_batch_size,
       image_size=self.config.model.image.image_size,
@@ -125,17 +219,24 @@ class Experiment:
       process_count=jax.process_count(),
     )
 
-  def evaluator(self) -> evaluation.RetrievalEvaluator:
-    return evaluation.RetrievalEvaluator(
+  def compile_step(
+    self, state_sharding: Any, grad_accum_steps: int | None = None
+  ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted train step of this experiment (accumulation from the config by default)."""
+    return compile_train_step(
       self.model,
+      self.tx,
+      self.schedule,
+      self.masker,
       self.mesh,
-      self.eval_shards,
-      self.tokenizer,
-      batch_size=self.config.eval.batch_size,
-      image_size=self.config.model.image.image_size,
-      max_captions=self.config.eval.max_captions,
-      read_threads=self.config.data.read_threads,
-      name=self.config.data.eval or "builtin-heldout",
+      state_sharding,
+      loss_fn=self.loss_fn,
+      grad_accum_steps=grad_accum_steps or self.config.grad_accum_steps,
+    )
+
+  def evaluator(self) -> evaluation.Evaluator:
+    return evaluation.create_evaluator(
+      self.config, self.model, self.mesh, self.tokenizer, self.eval_shards
     )
 
 
@@ -153,8 +254,15 @@ def _check_workdir(workdir: str) -> None:
 def _resolve(key: str, spec: str) -> list[str]:
   try:
     return records.resolve_shards(spec)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"config.{key}: {e}") from e
+
+
+def _resolve_mixture(spec: str | list[str]) -> list[records.ShardSet]:
+  try:
+    return records.resolve_mixture(spec)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.data.train: {e}") from e
 
 
 def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -169,6 +277,12 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
       f"config.batch_size={config.batch_size} must be a positive multiple of the "
       f"number of batch shards ({shards_per_batch} = processes x data x fsdp devices)"
     )
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % (shards_per_batch * accum):
+    raise ConfigError(
+      f"config.grad_accum_steps={accum}: every batch shard ({config.batch_size} / "
+      f"{shards_per_batch} rows) must split into {accum} equal microbatches"
+    )
   if config.eval.batch_size <= 0 or config.eval.batch_size % shards_per_batch:
     raise ConfigError(
       f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple of "
@@ -182,7 +296,7 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
 
   data = config.data
   if data.train:
-    train_shards = _resolve("data.train", data.train)
+    train_sets = _resolve_mixture(data.train)
     if not data.vocab_file:
       raise ConfigError("config.data.vocab_file is required when config.data.train is set")
     eval_spec = data.eval
@@ -197,7 +311,7 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
       image_size=data.builtin.image_size,
       vocab_size=data.builtin.vocab_size,
     )
-    train_shards = built.train_shards
+    train_sets = [records.ShardSet("builtin", tuple(built.train_shards))]
     eval_spec = data.eval or ",".join(built.heldout_shards)
     vocab_file = data.vocab_file or built.vocab_file
   if not eval_spec:
@@ -205,39 +319,70 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
   eval_shards = _resolve("data.eval", eval_spec)
   if not os.path.isfile(vocab_file):
     raise ConfigError(f"config.data.vocab_file: {vocab_file!r} does not exist")
-  tokenizer = tokenizers.create_tokenizer(
-    vocab_file, config.model.text.context_length, data.lower_case
-  )
+  if data.tokenizer != "wordpiece" and not data.vocab_file:
+    raise ConfigError(
+      f"config.data.tokenizer={data.tokenizer!r} needs config.data.vocab_file (the built-in "
+      "dataset's own vocab is WordPiece)"
+    )
   try:
-    model = create_model(config.model, tokenizer.vocab_size)
-    masker = masking.create_masker(
-      config.masking,
-      num_patches=model.visual.num_patches,
-      patch_size=model.visual.size.patch_size,
-      mean=model.visual.mean,
-      std=model.visual.std,
+    tokenizer = tokenizers.create_tokenizer(
+      data.tokenizer, vocab_file, config.model.text.context_length, data.lower_case
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
-
   total_steps = config.total_steps
   if not total_steps:
-    num_records = len(grain.sources.ArrayRecordDataSource(train_shards))
+    # An epoch is one pass over the records of every set, whatever the weights.
+    num_records = sum(len(grain.sources.ArrayRecordDataSource(list(s.shards))) for s in train_sets)
     total_steps = max(1, int(config.num_epochs * num_records // config.batch_size))
-  schedule = optim.create_schedule(config.optim, total_steps)
+  try:
+    parts = create_step_parts(config, mesh, tokenizer.vocab_size, tokenizer.pad_id, total_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   return Experiment(
     config=config,
     workdir=workdir,
     mesh=mesh,
     tokenizer=tokenizer,
-    model=model,
-    train_shards=train_shards,
+    train_sets=train_sets,
     eval_shards=eval_shards,
     local_batch_size=config.batch_size // jax.process_count(),
     total_steps=total_steps,
+    # Field by field: dataclasses.asdict would also turn the flax modules into dicts.
+    **{field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)},
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """What the train step is made of: model, masker, loss, schedule and optimizer."""
+
+  model: CLIP
+  masker: masking.Masker
+  loss_fn: losses.LossFn
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+
+def create_step_parts(
+  config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int, pad_id: int, total_steps: int
+) -> StepParts:
+  """Builds the step's parts from the config (raises ValueError naming a bad key)."""
+  model = create_model(config.model, vocab_size, pad_id, loss_kind=config.loss.kind)
+  masker = masking.create_masker(
+    config.masking,
+    num_patches=model.visual.num_patches,
+    patch_size=model.visual.size.patch_size,
+    mean=model.visual.mean,
+    std=model.visual.std,
+  )
+  schedule = optim.create_schedule(config.optim, total_steps)
+  return StepParts(
+    model=model,
+    masker=masker,
+    loss_fn=losses.create_loss(config.loss, mesh),
     schedule=schedule,
     tx=optim.create_optimizer(config.optim, schedule),
-    masker=masker,
   )
 
 
@@ -285,14 +430,38 @@ def compile_train_step(
   masker: masking.Masker,
   mesh: Mesh,
   state_sharding: Any,
+  *,
+  loss_fn: losses.LossFn = losses.clip_loss,
+  grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step` jitted once with explicit shardings; the old state's buffers are donated."""
+  step = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    masker=masker,
+    loss_fn=loss_fn,
+    grad_accum_steps=grad_accum_steps,
+    mesh=mesh,
+  )
   return jax.jit(
-    functools.partial(train_step, model=model, tx=tx, schedule=schedule, masker=masker),
+    step,
     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
+
+
+def _abstract_batch(exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of the global batch the step receives."""
+  size, context = exp.model.visual.image_size, exp.model.text.context_length
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  batch = exp.config.batch_size
+  return {
+    "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
+    "tokens": jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding),
+  }
 
 
 def mask_picture(exp: Experiment, images: np.ndarray, step: int) -> np.ndarray:
@@ -306,20 +475,16 @@ def mask_picture(exp: Experiment, images: np.ndarray, step: int) -> np.ndarray:
 
 
 def run_eval(
-  evaluator: evaluation.RetrievalEvaluator,
+  evaluator: evaluation.Evaluator,
   params: Any,
   step: int,
   workdir: str,
   writer: metric_writers.MetricWriter,
 ) -> dict[str, float]:
-  metrics = evaluator.evaluate(params)
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-  progress.write_json(
-    os.path.join(workdir, "eval_retrieval.json"),
-    {"step": step, "task": "zeroshot_retrieval", "dataset": evaluator.name, "metrics": metrics},
-  )
-  logging.info("Held-out retrieval at step %d:\n%s", step, retrieval.format_table(metrics))
-  return metrics
+  """Runs config.eval.tasks, writes <workdir>/eval/ and returns held-out retrieval metrics."""
+  results = evaluator.evaluate(params)
+  evaluation.log_and_write(results, step, workdir, writer, model=evaluator.model_name)
+  return evaluation.heldout_metrics(results)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -342,23 +507,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = iter(exp.train_dataset())
   manager = checkpointing.create_checkpoint_manager(workdir, config)
-  if (latest := manager.latest_step()) is not None:
-    logging.info("Resuming from the checkpoint of step %d", latest)
-    state = checkpointing.restore_state(
-      manager, latest, checkpointing.abstract_with_shardings(state, state_sharding), train_iter
-    )
+  abstract_state = checkpointing.abstract_with_shardings(state, state_sharding)
+  if restored := checkpointing.restore_newest_good(manager, abstract_state, train_iter):
+    logging.info("Resuming from the checkpoint of step %d", restored[0])
+    state = restored[1]
   elif config.init_from:
     logging.info("Initialising the parameters from %s", config.init_from)
-    abstract = checkpointing.abstract_with_shardings(state, state_sharding)
-    state = state.replace(params=checkpointing.load_params(config.init_from, abstract))
+    state = state.replace(params=checkpointing.load_params(config.init_from, abstract_state))
 
-  step_fn = compile_train_step(
-    exp.model, exp.tx, exp.schedule, exp.masker, exp.mesh, state_sharding
-  )
+  step_fn = exp.compile_step(state_sharding)
+  # Compiled ahead of the loop: one compilation, whose cost analysis gives the MFU.
+  step_fn = step_fn.lower(state, _abstract_batch(exp)).compile()
   evaluator = exp.evaluator()
   eval_metrics: dict[str, float] = {}
   try:
-    eval_metrics = _train_loop(exp, state, step_fn, train_iter, manager, evaluator, writer)
+    with preemption.PreemptionWatcher() as watcher:
+      eval_metrics = _train_loop(
+        exp, state, step_fn, train_iter, manager, evaluator, writer, watcher
+      )
   finally:
     manager.wait_until_finished()
     writer.flush()
@@ -373,26 +539,39 @@ def _train_loop(
   step_fn: Any,
   train_iter: grain.DatasetIterator,
   manager: ocp.CheckpointManager,
-  evaluator: evaluation.RetrievalEvaluator,
+  evaluator: evaluation.Evaluator,
   writer: metric_writers.MetricWriter,
+  watcher: preemption.PreemptionWatcher,
 ) -> dict[str, float]:
   config, workdir = exp.config, exp.workdir
   start_step = int(state.step)
-  log = progress.ProgressLog(writer, exp, start_step)
+  log = progress.ProgressLog(
+    writer, exp, start_step, progress.compiled_flops(step_fn, exp.mesh.size)
+  )
   stop_step = start_step + config.stop_after_steps if config.stop_after_steps else None
   eval_metrics: dict[str, float] = {}
+  profile_last = config.profile_first_step + config.profile_num_steps - 1
+  tracing = False
   for step in range(start_step + 1, exp.total_steps + 1):
+    if config.profile_first_step and step == config.profile_first_step:
+      jax.profiler.start_trace(workdir)  # Open with TensorBoard's profile tab.
+      tracing = True
     host_batch = next(train_iter)
     device_batch = {k: host_batch[k] for k in MODEL_INPUTS}
     state, metrics = step_fn(state, sharding.host_to_global(device_batch, exp.mesh))
     last_step = step == exp.total_steps or step == stop_step
+    if tracing and (step >= profile_last or last_step):
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      tracing = False
     log.add(metrics, int(host_batch["skipped"].sum()))
     if step % config.log_every_steps == 0 or last_step:
       log.check_health(config, log.flush(step))
     show_every = config.masking.show_every_steps
     if show_every and step % show_every == 0 and jax.process_index() == 0:
       writer.write_images(step, {"masks": mask_picture(exp, host_batch["image"][:8], step)})
-    if step % config.checkpoint_every_steps == 0 or last_step:
+    preempted = watcher.should_stop(step)  # Every step: multi-host agreement needs it.
+    if step % config.checkpoint_every_steps == 0 or last_step or preempted:
       manager.save(
         step,
         args=ocp.args.Composite(
@@ -400,6 +579,9 @@ def _train_loop(
         ),
         force=True,
       )
+    if preempted:
+      logging.warning("Preempted: saved the checkpoint of step %d; exiting.", step)
+      return eval_metrics
     if (config.eval.every_steps and step % config.eval.every_steps == 0) or last_step:
       eval_start = time.time()
       eval_metrics = run_eval(evaluator, state.params, step, workdir, writer)

@@ -1,115 +1,131 @@
-"""Evaluation on held-out image-text sets, shared by the trainer and eval.py."""
+"""Evaluation shared by the trainer (periodic) and eval.py (checkpoints of a run).
+
+`create_evaluator` reads every dataset the configured tasks need, then
+`Evaluator.evaluate(params)` embeds them on the device mesh and returns one `Result`
+per task and dataset; `report` writes them as CLIP_benchmark-style JSON files and a
+Markdown summary. Modules: retrieval / classification / linear_probe / compositional
+(metrics), readers / classification_readers / compositional_readers (official file
+formats), embedding (the mesh-sharded encoder), tasks, report, runner (eval.py's loop
+over checkpoints).
+"""
 
 from __future__ import annotations
 
-import math
+import os
+from collections.abc import Sequence
 from typing import Any
 
-import grain
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
+import ml_collections
+from absl import logging
+from clu import metric_writers
 from jax.sharding import Mesh
 
-from vlp_jax import sharding
-from vlp_jax.evaluation.retrieval import retrieval_metrics
-from vlp_jax.input_pipeline import pipeline
-from vlp_jax.input_pipeline.tokenizers import WordPieceTokenizer
+from vlp_jax import progress
+from vlp_jax.evaluation import readers, report
+from vlp_jax.evaluation.embedding import DataError, Embedder, ImageRef, Tokenizer
+from vlp_jax.evaluation.tasks import TASKS, Result, Task, create_tasks
 from vlp_jax.models import CLIP
 
+__all__ = [
+  "TASKS",
+  "DataError",
+  "Embedder",
+  "Evaluator",
+  "ImageRef",
+  "Result",
+  "Task",
+  "create_evaluator",
+  "heldout_metrics",
+  "log_and_write",
+  "task_names",
+]
 
-class RetrievalEvaluator:
-  """Embeds every record of an image-text set on the mesh and scores retrieval.
 
-  Every process walks its slice of the records; each step has the same static batch
-  shape on every process (padding rows are masked out), so all processes run the same
-  number of steps and no program is recompiled.
-  """
+class Evaluator:
+  """The tasks of an evaluation and the embedder they share."""
 
-  def __init__(
-    self,
-    model: CLIP,
-    mesh: Mesh,
-    shards: list[str],
-    tokenizer: WordPieceTokenizer,
-    *,
-    batch_size: int,
-    image_size: int,
-    max_captions: int,
-    read_threads: int,
-    name: str = "",
-  ):
-    if batch_size % (jax.process_count() * sharding.batch_size_divisor(mesh)):
-      raise ValueError(
-        f"config.eval.batch_size={batch_size} is not divisible by the number of batch "
-        f"shards ({jax.process_count() * sharding.batch_size_divisor(mesh)})"
-      )
-    self.name = name or ",".join(shards)
-    self.mesh = mesh
-    self.local_batch = batch_size // jax.process_count()
-    self.max_captions = max_captions
-    self.context_length = tokenizer.context_length
-    self.image_size = image_size
-    self.read_threads = read_threads
-    self.num_records = len(grain.sources.ArrayRecordDataSource(shards))
-    self.dataset = pipeline.create_eval_dataset(
-      shards,
-      tokenizer,
-      image_size=image_size,
-      max_captions=max_captions,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+  def __init__(self, embedder: Embedder, tasks: Sequence[Task], model_name: str = ""):
+    self.embedder, self.tasks, self.model_name = embedder, list(tasks), model_name
+
+  def evaluate(self, params: Any) -> list[Result]:
+    results = []
+    for task in self.tasks:
+      results.extend(task.evaluate(self.embedder, params))
+    return results
+
+
+def task_names(text: str) -> list[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def create_evaluator(
+  config: ml_collections.ConfigDict,
+  model: CLIP,
+  mesh: Mesh,
+  tokenizer: Tokenizer,
+  eval_shards: Sequence[str],
+  *,
+  tasks: Sequence[str] | None = None,
+  show_progress: bool = False,
+) -> Evaluator:
+  """Reads the datasets of `tasks` (default: config.eval.tasks) and builds the embedder."""
+  names = task_names(config.eval.tasks) if tasks is None else list(tasks)
+  eval_name = config.data.eval or "builtin-heldout"
+
+  def heldout() -> readers.RetrievalSet:
+    return readers.read_record_retrieval(eval_shards, config.eval.max_captions, eval_name)
+
+  embedder = Embedder(
+    model,
+    mesh,
+    tokenizer,
+    batch_size=config.eval.batch_size,
+    image_size=config.model.image.image_size,
+    read_threads=config.data.read_threads,
+    show_progress=show_progress,
+  )
+  model_name = f"vlp_jax-CLIP-ViT-{config.model.image.variant}-{config.model.image.image_size}px"
+  return Evaluator(embedder, create_tasks(names, config.eval, heldout), model_name)
+
+
+def heldout_metrics(results: Sequence[Result]) -> dict[str, float]:
+  """The held-out retrieval metrics (what train_and_evaluate returns), else the first's."""
+  for result in results:
+    if result.heldout:
+      return result.metrics
+  return results[0].metrics if results else {}
+
+
+def log_and_write(
+  results: Sequence[Result],
+  step: int,
+  workdir: str,
+  writer: metric_writers.MetricWriter,
+  *,
+  out_dir: str = "",
+  model: str = "",
+) -> str:
+  """TensorBoard scalars, JSON files, the rebuilt summary; logs and returns the tables."""
+  out_dir = out_dir or os.path.join(workdir, "eval")
+  scalars = {}
+  for r in results:
+    prefix = "eval" if r.heldout else f"eval/{r.task}/{r.dataset}"
+    scalars.update({f"{prefix}/{k}": v for k, v in r.metrics.items()})
+  writer.write_scalars(step, scalars)
+  pretrained = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  report.write_results(results, step, out_dir, model, pretrained)
+  retrieval = [r for r in results if r.heldout]
+  if retrieval:  # The newest held-out retrieval, where the README's demo points.
+    progress.write_json(
+      os.path.join(workdir, "eval_retrieval.json"),
+      {
+        "step": step,
+        "task": "zeroshot_retrieval",
+        "dataset": retrieval[0].dataset,
+        "metrics": retrieval[0].metrics,
+      },
     )
-
-    def encode(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-      variables = {"params": params}
-      images = model.apply(variables, batch["image"], method=CLIP.encode_image)
-      tokens = batch["tokens"]
-      texts = model.apply(
-        variables, tokens.reshape(-1, tokens.shape[-1]), method=CLIP.encode_text
-      ).reshape(*tokens.shape[:2], -1)
-      return {"image": images, "text": texts, "caption_mask": batch["caption_mask"]}
-
-    self._encode = jax.jit(encode, out_shardings=sharding.batch_sharding(mesh))
-
-  def _host_batches(self):
-    """Fixed-size host batches; rows of corrupt records and padding have no captions."""
-    steps = math.ceil(math.ceil(self.num_records / jax.process_count()) / self.local_batch)
-    elements = iter(
-      self.dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=self.read_threads), allow_nones=True
-      )
-    )
-    for _ in range(steps):
-      batch = {
-        "image": np.zeros((self.local_batch, self.image_size, self.image_size, 3), np.uint8),
-        "tokens": np.zeros((self.local_batch, self.max_captions, self.context_length), np.int32),
-        "caption_mask": np.zeros((self.local_batch, self.max_captions), bool),
-      }
-      for row in range(self.local_batch):
-        element = next(elements, None)
-        if element is not None:
-          for key in batch:
-            batch[key][row] = element[key]
-      yield batch
-
-  def embed(self, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (image embeddings, text embeddings, image index of each text) over valid rows."""
-    outputs = []
-    for batch in self._host_batches():
-      outputs.append(self._encode(params, sharding.host_to_global(batch, self.mesh)))
-    gathered = multihost_utils.process_allgather(outputs, tiled=True)
-    images = np.concatenate([o["image"] for o in gathered])
-    texts = np.concatenate([o["text"] for o in gathered])
-    caption_mask = np.concatenate([o["caption_mask"] for o in gathered])
-    has_caption = caption_mask.any(axis=1)
-    image_ids = np.cumsum(has_caption) - 1
-    text_to_image = np.broadcast_to(image_ids[:, None], caption_mask.shape)[caption_mask]
-    return images[has_caption], texts[caption_mask], text_to_image
-
-  def evaluate(self, params: Any) -> dict[str, float]:
-    image_emb, text_emb, text_to_image = self.embed(params)
-    metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
-    metrics["num_images"] = float(len(image_emb))
-    metrics["num_texts"] = float(len(text_emb))
-    return metrics
+  report.write_summary(out_dir, f"Evaluation of {os.path.abspath(workdir)}")
+  tables = report.result_table(results)
+  logging.info("Evaluation at step %d:\n%s", step, tables)
+  return tables

@@ -7,6 +7,7 @@ optional fields (e.g. "negatives" for compositional probes). Readers validate an
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -83,7 +84,109 @@ def resolve_shards(spec: str) -> list[str]:
     paths.extend(found)
   if not paths:
     raise FileNotFoundError(f"no ArrayRecord shards in {spec!r}")
+  check_shards(paths)
   return paths
+
+
+class ShardError(ValueError):
+  """A shard file is not a readable ArrayRecord file."""
+
+
+def check_shards(paths: Sequence[str]) -> None:
+  """Opens each shard's index (about 1 ms each); raises `ShardError` naming an unreadable one.
+
+  array_record's own error ("Corrupted Riegeli/records file ...") does not say which file.
+  """
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  for path in paths:
+    try:
+      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+      reader.num_records()
+      reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ShardError(f"unreadable ArrayRecord shard {path}: {e}") from e
+
+
+class ShardWriter:
+  """Writes one shard under a hidden temporary name; `close()` renames it into place, so
+  neither a reader's glob nor a resumed writer ever sees a half-written shard."""
+
+  def __init__(self, path: str):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    self.path = path
+    self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    # group_size:1 as in write_shards: cheap random access for the global shuffle.
+    self._writer = ArrayRecordWriter(self.tmp, "group_size:1")
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+
+  def close(self) -> None:
+    self._writer.close()
+    os.replace(self.tmp, self.path)
+
+  def abort(self) -> None:
+    self._writer.close()
+    os.remove(self.tmp)
+
+
+def write_shard(path: str, records: Iterable[bytes]) -> None:
+  """Writes `records` to one shard at `path`, which appears only once complete."""
+  writer = ShardWriter(path)
+  try:
+    for record in records:
+      writer.write(record)
+  except BaseException:
+    writer.abort()
+    raise
+  writer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+  """One set of shards and its sampling weight in a training mixture."""
+
+  spec: str
+  shards: tuple[str, ...]
+  weight: float = 1.0
+
+
+def _split_weight(part: str) -> tuple[str, float | None]:
+  """ "path:0.7" -> ("path", 0.7); a colon not followed by a number is part of the path."""
+  path, sep, tail = part.rpartition(":")
+  if sep and path:
+    try:
+      return path, float(tail)
+    except ValueError:
+      pass
+  return part, None
+
+
+def resolve_mixture(spec: str | Sequence[str]) -> list[ShardSet]:
+  """Training data spec -> shard sets with weights.
+
+  "dir_a:0.7,dir_b:0.3" or ["dir_a:0.7", "dir_b:0.3"] mix two sets; "dir_a,dir_b" (no
+  weights) is one set made of both. Weights are relative; they need not sum to 1.
+  """
+  parts = [spec] if isinstance(spec, str) else list(spec)
+  parts = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+  if not parts:
+    raise FileNotFoundError("no shards given")
+  split = [_split_weight(p) for p in parts]
+  weighted = [w is not None for _, w in split]
+  if not any(weighted) and isinstance(spec, str):
+    return [ShardSet(spec, tuple(resolve_shards(spec)))]
+  if not all(weighted) and isinstance(spec, str):
+    raise ValueError(f"give every part of {spec!r} a weight (path:weight) or none")
+  sets = []
+  for path, weight in split:
+    weight = 1.0 if weight is None else weight
+    if not 0 < weight < float("inf"):
+      raise ValueError(f"weight {weight} of {path!r} must be a positive number")
+    sets.append(ShardSet(path, tuple(resolve_shards(path)), weight))
+  return sets
 
 
 def replace_dir_atomically(tmp_dir: str, final_dir: str) -> None:

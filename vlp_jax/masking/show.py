@@ -72,7 +72,7 @@ def main(argv: Sequence[str]) -> None:
     exp = trainer.create_experiment(config, workdir)
   visual = exp.model.visual
   dataset = pipeline.create_eval_dataset(
-    exp.train_shards, exp.tokenizer, image_size=visual.image_size, max_captions=1
+    list(exp.train_sets[0].shards), exp.tokenizer, image_size=visual.image_size, max_captions=1
   )
   images = []
   for index in range(len(dataset)):

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlp_jax.models.text import TextTransformer
+from vlp_jax.models.layers import remat_policy_name
+from vlp_jax.models.text import PAD_ID, TextTransformer
 from vlp_jax.models.vit import VisionTransformer, decode_variant
 
 
@@ -19,17 +20,30 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 class CLIP(nn.Module):
-  """Returns L2-normalised image and text embeddings and the clamped logit scale."""
+  """Returns L2-normalised image and text embeddings, the clamped logit scale and, for
+  the sigmoid (SigLIP) loss, a learnable logit bias."""
 
   visual: VisionTransformer
   text: TextTransformer
   logit_scale_init: float = math.log(1 / 0.07)
   logit_scale_max: float = math.log(100.0)
+  logit_bias_init: float | None = None  # SigLIP: -10; None: no bias parameter.
 
   def setup(self) -> None:
     self.logit_scale = self.param(
       "logit_scale", nn.initializers.constant(self.logit_scale_init), ()
     )
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), ())
+
+  def temperature(self) -> dict[str, jax.Array]:
+    """{"logit_scale": exp of the clamped parameter[, "logit_bias": ...]}."""
+    # Clamp in the forward pass (open_clip clamps the parameter after each step): the
+    # same cap on the temperature, without model-specific code in the train step.
+    out = {"logit_scale": jnp.exp(jnp.minimum(self.logit_scale, self.logit_scale_max))}
+    if self.logit_bias_init is not None:
+      out["logit_bias"] = self.logit_bias
+    return out
 
   def encode_image(self, images: jax.Array, keep_indices: jax.Array | None = None) -> jax.Array:
     return l2_normalize(self.visual(images, keep_indices)[0])
@@ -40,19 +54,23 @@ class CLIP(nn.Module):
   def __call__(
     self, images: jax.Array, tokens: jax.Array, keep_indices: jax.Array | None = None
   ) -> dict[str, jax.Array]:
-    # Clamp in the forward pass (open_clip clamps the parameter after each step): the
-    # same cap on the temperature, without model-specific code in the train step.
-    scale = jnp.exp(jnp.minimum(self.logit_scale, self.logit_scale_max))
     return {
       "image": self.encode_image(images, keep_indices),
       "text": self.encode_text(tokens),
-      "logit_scale": scale,
+      **self.temperature(),
     }
 
 
-def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> CLIP:
-  """Builds CLIP from `config.model`; `vocab_size` comes from the tokenizer."""
+def create_model(
+  model_config: ml_collections.ConfigDict,
+  vocab_size: int,
+  pad_id: int = PAD_ID,
+  loss_kind: str = "clip",
+) -> CLIP:
+  """Builds CLIP from `config.model`; `vocab_size` and `pad_id` come from the tokenizer,
+  `loss_kind` (config.loss.kind) picks the temperature's initialisation."""
   dtype = jnp.dtype(model_config.dtype)
+  remat_policy_name(model_config.remat)  # Fails here, naming the key, not inside jit.
   image_cfg, text_cfg = model_config.image, model_config.text
   size = decode_variant(
     image_cfg.variant,
@@ -90,5 +108,8 @@ def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> CL
     activation=model_config.activation,
     remat=model_config.remat,
     dtype=dtype,
+    pad_id=pad_id,
   )
+  if loss_kind == "siglip":  # The SigLIP paper's initialisation: t = 10, b = -10.
+    return CLIP(visual=visual, text=text, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
   return CLIP(visual=visual, text=text)

@@ -104,6 +104,23 @@ class ResidualBlock(nn.Module):
     return x
 
 
+# Activation rematerialisation policies (config.model.remat): what the backward pass keeps.
+REMAT_POLICIES = {
+  "none": None,  # Keep every activation: fastest, most memory.
+  "full": jax.checkpoint_policies.nothing_saveable,  # Recompute each block: least memory.
+  # Keep matmul outputs, recompute the cheap elementwise ops (softmax, gelu, layer norm).
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+  """Normalises `config.model.remat` (a policy name; True/False mean "full"/"none")."""
+  name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
+  return name
+
+
 class Transformer(nn.Module):
   """A stack of residual blocks named resblocks_<i>, with optional rematerialisation."""
 
@@ -112,7 +129,7 @@ class Transformer(nn.Module):
   mlp_dim: int
   causal: bool = False
   activation: str = "gelu"
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -120,7 +137,10 @@ class Transformer(nn.Module):
     width = x.shape[-1]
     # open_clip's residual-branch output scale: shrink with depth for stable early training.
     out_std = width**-0.5 * (2 * self.depth) ** -0.5
-    block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    policy = remat_policy_name(self.remat)
+    block_cls = ResidualBlock
+    if policy != "none":
+      block_cls = nn.remat(ResidualBlock, policy=REMAT_POLICIES[policy])
     for i in range(self.depth):
       x = block_cls(
         self.num_heads,

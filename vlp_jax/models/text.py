@@ -12,12 +12,16 @@ PAD_ID = 0
 
 
 def last_token_index(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
-  """Index of the last non-pad token: the end-of-text token for CLIP and BERT tokenisers.
+  """Index of the last non-pad token: the end-of-text token of every tokeniser here.
 
-  Equals open_clip's `argmax(tokens)` pooling for CLIP's BPE (EOT has the largest id and
-  is followed only by padding) without depending on the vocabulary's id order.
+  The last position whose id is not `pad_id`, so ids equal to `pad_id` inside a text
+  (CLIP's BPE pads with 0, which is also the token "!") do not shift it. Equals
+  open_clip's `argmax(tokens)` pooling for CLIP's BPE (EOT has the largest id and is
+  followed only by padding) without depending on the vocabulary's id order. 0 for a row
+  of padding only.
   """
-  return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
+  positions = jnp.arange(tokens.shape[-1])
+  return jnp.max(jnp.where(tokens != pad_id, positions, 0), axis=-1)
 
 
 class TextTransformer(nn.Module):
@@ -31,8 +35,9 @@ class TextTransformer(nn.Module):
   mlp_dim: int
   embed_dim: int
   activation: str = "gelu"
-  remat: bool = False
+  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
+  pad_id: int = PAD_ID  # The tokeniser's padding id; pooling skips trailing padding.
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -59,7 +64,8 @@ class TextTransformer(nn.Module):
       name="transformer",
     )(x)
     x = layer_norm("ln_final", self.dtype)(x)
-    pooled = jnp.take_along_axis(x, last_token_index(tokens)[:, None, None], axis=1)[:, 0]
+    end = last_token_index(tokens, self.pad_id)
+    pooled = jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
     projection = self.param(
       "text_projection", nn.initializers.normal(self.width**-0.5), (self.width, self.embed_dim)
     )

@@ -77,7 +77,7 @@ class VisionTransformer(nn.Module):
   mean: Sequence[float] = CLIP_MEAN
   std: Sequence[float] = CLIP_STD
   activation: str = "gelu"
-  remat: bool = False
+  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
 
   @property

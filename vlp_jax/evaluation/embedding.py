@@ -1,0 +1,236 @@
+"""Embeds images and texts with a CLIP on the device mesh, for every evaluation task.
+
+Images come as `ImageSource`s (a file, encoded bytes or an ArrayRecord record, with an
+optional crop box) and are decoded, center-cropped and resized by the input pipeline's
+own functions, so evaluation and training preprocess in one place.
+
+Every step has the same static global batch (padding rows carry row index -1), so
+nothing recompiles. Process p loads rows [p * local, (p + 1) * local) of each global
+batch; the embeddings are gathered to every host and put back in order by row index.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from PIL import Image
+
+from vlp_jax import sharding
+from vlp_jax.input_pipeline import pipeline, records
+from vlp_jax.models import CLIP
+
+
+class DataError(ValueError):
+  """An evaluation file is missing or malformed; the message names the file and line/key."""
+
+
+class Tokenizer(Protocol):
+  """What evaluation needs of a tokenizer: texts -> (len(texts), context_length) int32."""
+
+  context_length: int
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class ImageSource(Protocol):
+  def open(self) -> Image.Image: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+  """An image file or encoded bytes, cropped to `box` (left, top, right, bottom) if given."""
+
+  path: str = ""
+  data: bytes = b""
+  box: tuple[float, float, float, float] | None = None
+
+  def open(self) -> Image.Image:
+    data = self.data
+    if self.path:
+      try:
+        with open(self.path, "rb") as f:
+          data = f.read()
+      except OSError as e:
+        raise DataError(f"cannot read image {self.path}: {e}") from e
+    try:
+      image = pipeline.open_image(data)
+    except pipeline.ImageError as e:
+      raise DataError(f"{self.path or 'image bytes'}: {e}") from e
+    return image.crop(self.box) if self.box else image
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordImage:
+  """The image of record `index` of ArrayRecord shards, read when it is embedded."""
+
+  source: Any  # grain.sources.ArrayRecordDataSource (thread-safe random access)
+  index: int
+
+  def open(self) -> Image.Image:
+    try:
+      return pipeline.open_image(records.decode_record(self.source[self.index])["image"])
+    except (records.RecordError, pipeline.ImageError) as e:
+      raise DataError(f"record {self.index}: {e}") from e
+
+
+def load_pixels(source: ImageSource, image_size: int) -> np.ndarray:
+  """Decode -> center square crop -> resize: uint8 (S, S, 3), as the eval pipeline does."""
+  image = source.open()
+  return pipeline.crop_resize(
+    image, pipeline.center_crop_box(image.width, image.height), image_size
+  )
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+  """A tqdm bar on process 0 when enabled, otherwise a no-op with the same methods."""
+  if enabled and jax.process_index() == 0:
+    from tqdm import tqdm  # tensorflow-datasets depends on it; only the CLI draws bars.
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+  return _NoBar()
+
+
+class _NoBar:
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class Embedder:
+  """Normalised CLIP embeddings of image and text lists, computed on the mesh."""
+
+  def __init__(
+    self,
+    model: CLIP,
+    mesh: Mesh,
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    image_size: int,
+    read_threads: int,
+    show_progress: bool = False,
+  ):
+    divisor = jax.process_count() * sharding.batch_size_divisor(mesh)
+    if batch_size <= 0 or batch_size % divisor:
+      raise ValueError(
+        f"config.eval.batch_size={batch_size} is not a positive multiple of the number of "
+        f"batch shards ({divisor})"
+      )
+    self.mesh = mesh
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.local_batch = batch_size // jax.process_count()
+    self.image_size = image_size
+    self.read_threads = read_threads
+    self.show_progress = show_progress
+    out_sharding = sharding.batch_sharding(mesh)
+
+    def encode_images(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+      emb = model.apply({"params": params}, batch["image"], method=CLIP.encode_image)
+      return {"embedding": emb, "row": batch["row"]}
+
+    def encode_texts(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+      emb = model.apply({"params": params}, batch["tokens"], method=CLIP.encode_text)
+      return {"embedding": emb, "row": batch["row"]}
+
+    self._encode_images = jax.jit(encode_images, out_shardings=out_sharding)
+    self._encode_texts = jax.jit(encode_texts, out_shardings=out_sharding)
+
+  def _local_slice(self, step: int) -> tuple[int, int]:
+    start = step * self.batch_size + jax.process_index() * self.local_batch
+    return start, start + self.local_batch
+
+  def _rows(self, step: int, count: int) -> np.ndarray:
+    start, stop = self._local_slice(step)
+    rows = np.arange(start, stop, dtype=np.int32)
+    return np.where(rows < count, rows, -1)
+
+  def _run(
+    self,
+    encode: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+    params: Any,
+    batches: Iterator[dict[str, np.ndarray]],
+    count: int,
+    desc: str,
+  ) -> np.ndarray:
+    steps = math.ceil(count / self.batch_size)
+    bar = progress_bar(steps, desc, self.show_progress)
+    outputs = []
+    for batch in itertools.islice(batches, steps):
+      # Dispatch is asynchronous: the host prepares the next batch while this one runs.
+      outputs.append(encode(params, sharding.host_to_global(batch, self.mesh)))
+      bar.update()
+    bar.close()
+    if not outputs:
+      return np.zeros((0, 0), np.float32)
+    gathered = multihost_utils.process_allgather(outputs, tiled=True)
+    embeddings = np.concatenate([np.asarray(o["embedding"], np.float32) for o in gathered])
+    rows = np.concatenate([np.asarray(o["row"]) for o in gathered])
+    valid = rows >= 0
+    result = np.zeros((count, embeddings.shape[1]), np.float32)
+    result[rows[valid]] = embeddings[valid]
+    return result
+
+  def texts(self, params: Any, texts: Sequence[str], desc: str = "texts") -> np.ndarray:
+    """(len(texts), D) float32 embeddings, in order."""
+    texts = list(texts)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+      for step in itertools.count():
+        start, stop = self._local_slice(step)
+        mine = texts[start:stop]
+        tokens = np.zeros((self.local_batch, self.tokenizer.context_length), np.int32)
+        if mine:
+          tokens[: len(mine)] = self.tokenizer(mine)
+        yield {"tokens": tokens, "row": self._rows(step, len(texts))}
+
+    return self._run(self._encode_texts, params, batches(), len(texts), desc)
+
+  def images(
+    self,
+    params: Any,
+    images: Iterable[ImageSource],
+    count: int | None = None,
+    desc: str = "images",
+  ) -> np.ndarray:
+    """(count, D) float32 embeddings of `images` (any iterable: read once, in order).
+
+    A source that cannot be read raises `DataError` naming it: a wrong image root must
+    not silently change a benchmark.
+    """
+    if count is None:
+      count = len(images)  # type: ignore[arg-type]
+    size = self.image_size
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+      source = iter(images)
+      with concurrent.futures.ThreadPoolExecutor(max(1, self.read_threads)) as pool:
+
+        def submit(step: int) -> list[concurrent.futures.Future]:
+          chunk = list(itertools.islice(source, self.batch_size))
+          start = jax.process_index() * self.local_batch
+          mine = chunk[start : start + self.local_batch]
+          return [pool.submit(load_pixels, s, size) for s in mine]
+
+        pending = submit(0)
+        for step in itertools.count():
+          # Submit the next batch's decoding before waiting for this one.
+          upcoming = submit(step + 1)
+          pixels = np.zeros((self.local_batch, size, size, 3), np.uint8)
+          for row, future in enumerate(pending):
+            pixels[row] = future.result()
+          yield {"image": pixels, "row": self._rows(step, count)}
+          pending = upcoming
+
+    return self._run(self._encode_images, params, batches(), count, desc)

@@ -1,0 +1,510 @@
+r"""Converts image-text data into the ArrayRecord shards the trainer reads.
+
+  python -m vlp_jax.input_pipeline.convert --from=webdataset \
+      --src='/data/cc12m/{00000..01242}.tar' --dst=/data/cc12m_ar --resize_shorter=256
+  python -m vlp_jax.input_pipeline.convert --from=json --src=coco_train.json \
+      --image_root=/data/coco --dst=/data/coco_ar
+  python -m vlp_jax.input_pipeline.convert --from=tfds --tfds_name=coco_captions \
+      --tfds_data_dir=~/tensorflow_datasets --split=val --dst=/data/coco_val_ar
+
+Every sample is validated and normalised on the way: the image must decode completely, is
+refused from its header when it has more than pipeline.MAX_IMAGE_PIXELS pixels, and is
+stored as RGB (alpha composited on white, CMYK, palette, grey and 16-bit converted,
+re-encoded as JPEG); RGB JPEG/PNG/WebP bytes that need no resize are kept as they are.
+Captions must be non-empty UTF-8. Unusable samples are skipped and counted by reason.
+
+Shards of `records_per_shard` records are written under a temporary name and renamed
+when complete; `convert_state.json` in the destination records, after each shard, where
+the source continues and the counts so far. Re-running the same command resumes there and
+produces the same shards as an uninterrupted run; `summary.json` is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from absl import flags, logging
+from PIL import Image
+from tqdm import tqdm
+
+from vlp_jax.input_pipeline import pipeline, records, sources
+
+STATE_FILE = "convert_state.json"
+SUMMARY_FILE = "summary.json"
+SHARD_PREFIX = "data"
+_SHARD_PATTERN = re.compile(rf"\.?{SHARD_PREFIX}-\d{{5}}{re.escape(records.SHARD_SUFFIX)}(\.tmp)?")
+# Encoded bytes of these formats are kept as they are when already RGB and not resized.
+_KEPT_FORMATS = ("JPEG", "PNG", "WEBP")
+_CHUNK = 32  # Samples per task sent to a worker process.
+
+
+class ConvertError(ValueError):
+  """The conversion cannot start or cannot finish (bad arguments, a foreign --dst, ...)."""
+
+
+class SampleError(ValueError):
+  """A sample is unusable; `reason` is the name it is counted under."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+  records_per_shard: int = 10_000
+  resize_shorter: int = 0  # Downscale so the shorter side has this many pixels; 0: keep.
+  jpeg_quality: int = 95  # For images that must be re-encoded.
+
+
+@dataclasses.dataclass
+class ConvertState:
+  """Progress of a conversion, saved after each shard and when it completes."""
+
+  config: dict[str, Any]
+  position: list[int]  # Where the source continues after the last shard written.
+  written: int = 0
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  unreadable_files: dict[str, str] = dataclasses.field(default_factory=dict)
+  shards: list[str] = dataclasses.field(default_factory=list)
+  done: bool = False
+
+  @property
+  def consumed(self) -> int:
+    return self.written + sum(self.skipped.values())
+
+
+# ---------------------------------------------------------------- one sample
+
+
+def prepare_caption(value: Any) -> str | list[str]:
+  """Raw caption (str, bytes, or a list of those) -> stripped UTF-8 text; lists stay lists."""
+  if value is None:
+    raise SampleError("missing_caption")
+  if isinstance(value, (list, tuple)):
+    captions = [_caption_text(v) for v in value]
+    captions = [c for c in captions if c]
+    if not captions:
+      raise SampleError("empty_caption")
+    return captions
+  caption = _caption_text(value)
+  if not caption:
+    raise SampleError("empty_caption")
+  return caption
+
+
+def _caption_text(value: Any) -> str:
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise SampleError("caption_not_utf8", str(e)) from e
+  if not isinstance(value, str):
+    raise SampleError("bad_caption_type", type(value).__name__)
+  try:
+    value.encode("utf-8")  # Lone surrogates: bytes a CSV reader could not decode.
+  except UnicodeEncodeError as e:
+    raise SampleError("caption_not_utf8", str(e)) from e
+  return value.strip()
+
+
+def _target_size(width: int, height: int, shorter: int) -> tuple[int, int] | None:
+  """The size with the shorter side at `shorter` (aspect kept), or None: never upscale."""
+  if not shorter or min(width, height) <= shorter:
+    return None
+  if width <= height:
+    return shorter, max(1, round(height * shorter / width))
+  return max(1, round(width * shorter / height)), shorter
+
+
+def prepare_image(data: bytes, resize_shorter: int = 0, jpeg_quality: int = 95) -> bytes:
+  """Encoded image -> bytes the trainer decodes to the right RGB pixels; SampleError if not."""
+  if not data:
+    raise SampleError("empty_image")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # We refuse them below.
+      image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise SampleError("image_too_large", str(e)) from e
+  except (OSError, ValueError, SyntaxError) as e:
+    raise SampleError("undecodable_image", str(e)) from e
+  width, height = image.size
+  # Only the header has been read so far: a decompression bomb is refused before decoding.
+  if width * height > pipeline.MAX_IMAGE_PIXELS:
+    raise SampleError("image_too_large", f"{width}x{height} pixels")
+  if not width or not height:
+    raise SampleError("undecodable_image", f"{width}x{height} pixels")
+  target = _target_size(width, height, resize_shorter)
+  try:
+    if (
+      target is None
+      and image.format in _KEPT_FORMATS
+      and image.mode == "RGB"
+      and "transparency" not in image.info
+    ):
+      if image.format == "JPEG":
+        # A reduced-scale decode still reads every byte, so it proves the file complete.
+        image.draft(None, (max(1, width // 8), max(1, height // 8)))
+      image.load()
+      return data
+    if target is not None and image.format == "JPEG":
+      image.draft(None, target)  # Decode at the smallest DCT scale still >= the target.
+    image = pipeline.to_rgb(image)
+    if target is not None:
+      image = image.resize(target, Image.BICUBIC)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise SampleError("undecodable_image", str(e)) from e
+  buffer = io.BytesIO()
+  image.save(buffer, "JPEG", quality=jpeg_quality)
+  return buffer.getvalue()
+
+
+def _read_image_file(path: str) -> bytes:
+  try:
+    if os.path.getsize(path) > sources.MAX_FILE_BYTES:
+      raise SampleError("image_file_too_large", path)
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError as e:
+    raise SampleError("missing_image", path) from e
+  except OSError as e:
+    raise SampleError("unreadable_image_file", f"{path}: {e}") from e
+
+
+# (key, image bytes, image path, caption, reason already known)
+_Payload = tuple[str, bytes | None, str | None, Any, str | None]
+# (record bytes, None, "") or (None, reason, detail)
+_Outcome = tuple[bytes | None, str | None, str]
+
+
+def _prepare(payload: _Payload, options: ConvertOptions) -> _Outcome:
+  key, image, image_path, caption, skip = payload
+  try:
+    if skip:
+      raise SampleError(skip)
+    caption = prepare_caption(caption)
+    if image is None:
+      if image_path is None:
+        raise SampleError("missing_image")
+      image = _read_image_file(image_path)
+    image = prepare_image(image, options.resize_shorter, options.jpeg_quality)
+  except SampleError as e:
+    return None, e.reason, str(e)
+  return records.encode_record(key, image, caption), None, ""
+
+
+def _prepare_chunk(payloads: list[_Payload], options: ConvertOptions) -> list[_Outcome]:
+  return [_prepare(p, options) for p in payloads]
+
+
+def _payload(sample: sources.Sample) -> _Payload:
+  skip = sample.skip or ("file_error" if sample.file_error else None)
+  return sample.key, sample.image, sample.image_path, sample.caption, skip
+
+
+def _prepare_all(
+  samples: Iterator[sources.Sample], options: ConvertOptions, num_workers: int
+) -> Iterator[tuple[sources.Sample, _Outcome]]:
+  """Prepares samples in order, in `num_workers` processes when > 0."""
+  if num_workers <= 0:
+    for sample in samples:
+      yield sample, _prepare(_payload(sample), options)
+    return
+  # spawn, not fork: the reader may hold TensorFlow's threads, which do not survive a fork.
+  pool = concurrent.futures.ProcessPoolExecutor(
+    num_workers, mp_context=multiprocessing.get_context("spawn")
+  )
+  in_flight: collections.deque = collections.deque()
+  try:
+    while chunk := list(itertools.islice(samples, _CHUNK)):
+      future = pool.submit(_prepare_chunk, [_payload(s) for s in chunk], options)
+      in_flight.append((chunk, future))
+      # A bounded window: reading never runs ahead of the workers by more than this.
+      if len(in_flight) >= 4 * num_workers:
+        chunk, future = in_flight.popleft()
+        yield from zip(chunk, future.result())
+    while in_flight:
+      chunk, future = in_flight.popleft()
+      yield from zip(chunk, future.result())
+  finally:
+    pool.shutdown(cancel_futures=True)
+
+
+# ---------------------------------------------------------------- the conversion
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+  before, after = _flatten(old), _flatten(new)
+  lines = []
+  for key in sorted(set(before) | set(after)):
+    if before.get(key) != after.get(key):
+      was, now = repr(before.get(key)), repr(after.get(key))
+      lines.append(f"  {key}: was {was[:200]}, now {now[:200]}")
+  return "\n".join(lines)
+
+
+def _save_state(dst: str, state: ConvertState) -> None:
+  path = os.path.join(dst, STATE_FILE)
+  with open(f"{path}.tmp", "w") as f:
+    json.dump(dataclasses.asdict(state), f, indent=1)
+  os.replace(f"{path}.tmp", path)
+
+
+def _start(dst: str, config: dict[str, Any]) -> ConvertState:
+  """A fresh state in an empty `dst`, or the saved one of the same conversion there."""
+  os.makedirs(dst, exist_ok=True)
+  state_path = os.path.join(dst, STATE_FILE)
+  if not os.path.exists(state_path):
+    if os.listdir(dst):
+      raise ConvertError(
+        f"--dst {dst} is not empty and holds no conversion to resume ({STATE_FILE} is "
+        "missing); choose a new or empty directory"
+      )
+    state = ConvertState(config=config, position=[0, 0])
+    _save_state(dst, state)
+    return state
+  with open(state_path) as f:
+    state = ConvertState(**json.load(f))
+  if state.config != config and state.shards:
+    raise ConvertError(
+      f"--dst {dst} holds a conversion with different arguments:\n"
+      f"{_describe_difference(state.config, config)}\n"
+      "Re-run with the original arguments to resume it, or choose a new --dst."
+    )
+  if state.config != config:  # A conversion that wrote nothing yet: nothing to keep.
+    state = ConvertState(config=config, position=[0, 0])
+    _save_state(dst, state)
+  # Shards renamed into place after the last saved state, and temporary files, are redone.
+  for name in os.listdir(dst):
+    if _SHARD_PATTERN.fullmatch(name) and name not in state.shards:
+      os.remove(os.path.join(dst, name))
+  return state
+
+
+def _summary(state: ConvertState, seconds: float) -> dict[str, Any]:
+  return {
+    "written": state.written,
+    "skipped": dict(sorted(state.skipped.items())),
+    "skipped_total": sum(state.skipped.values()),
+    "unreadable_files": state.unreadable_files,
+    "shards": state.shards,
+    "source": state.config["source"],
+    "options": state.config["options"],
+    "seconds_this_run": round(seconds, 1),
+  }
+
+
+class _Output:
+  """The shards of a conversion; its state is saved as each shard is completed."""
+
+  def __init__(self, dst: str, state: ConvertState, records_per_shard: int):
+    self.dst, self.state, self.records_per_shard = dst, state, records_per_shard
+    self.position, self.written = state.position, state.written
+    self.skipped = collections.Counter(state.skipped)
+    self.unreadable = dict(state.unreadable_files)
+    self.writer: records.ShardWriter | None = None
+    self.in_shard = 0
+    self.log_shards = False
+
+  def add(
+    self, sample: sources.Sample, record: bytes | None, reason: str | None, detail: str
+  ) -> bool:
+    """Writes or counts one prepared sample; False for a note about an unreadable file."""
+    self.position = list(sample.position)
+    if sample.file_error:
+      self.unreadable[sample.key] = sample.file_error
+      logging.warning("Skipping %s: %s", sample.key, sample.file_error)
+      return False
+    if record is None:
+      self.skipped[reason] += 1
+      if self.skipped[reason] <= 3:
+        logging.warning("Skipping %r: %s (later ones are only counted)", sample.key, detail)
+      return True
+    if self.writer is None:
+      name = f"{SHARD_PREFIX}-{len(self.state.shards):05d}{records.SHARD_SUFFIX}"
+      self.writer = records.ShardWriter(os.path.join(self.dst, name))
+    self.writer.write(record)
+    self.written += 1
+    self.in_shard += 1
+    if self.in_shard == self.records_per_shard:
+      self.finish_shard()
+    return True
+
+  def finish_shard(self) -> None:
+    """Completes the shard in progress, if any, then saves where the source continues."""
+    if self.writer is not None:
+      self.writer.close()
+      self.state.shards.append(os.path.basename(self.writer.path))
+      self.writer, self.in_shard = None, 0
+    self.state.position, self.state.written = list(self.position), self.written
+    self.state.skipped, self.state.unreadable_files = dict(self.skipped), dict(self.unreadable)
+    _save_state(self.dst, self.state)
+    if self.log_shards:
+      logging.info(
+        "%d shards: %d records written, %d skipped.",
+        len(self.state.shards),
+        self.written,
+        sum(self.skipped.values()),
+      )
+
+  def abort(self) -> None:
+    if self.writer is not None:
+      # Already handling the error that stopped us: that one must propagate, not this one.
+      with contextlib.suppress(Exception):
+        self.writer.abort()
+
+
+def convert(
+  source: sources.Source,
+  dst: str,
+  options: ConvertOptions = ConvertOptions(),
+  *,
+  num_workers: int = 0,
+  progress: bool | None = None,
+) -> ConvertState:
+  """Converts `source` into ArrayRecord shards in `dst`, resuming a conversion left there.
+
+  `progress`: show a progress bar (None: only on a terminal). Returns the final state;
+  raises ConvertError when `dst` holds something else or nothing could be converted.
+  """
+  if options.records_per_shard <= 0:
+    raise ConvertError(f"records_per_shard must be positive, not {options.records_per_shard}")
+  # Through JSON once so it compares equal to a saved copy (tuples become lists).
+  config = json.loads(
+    json.dumps({"source": source.describe(), "options": dataclasses.asdict(options)})
+  )
+  state = _start(dst, config)
+  if state.done:
+    logging.info("%s already holds this conversion, complete: nothing to do.", dst)
+    return state
+  if state.shards:
+    logging.info(
+      "Resuming after %d shards (%d records written) at file %d, sample %d.",
+      len(state.shards),
+      state.written,
+      *state.position,
+    )
+  start_time, start_consumed = time.time(), state.consumed
+  output = _Output(dst, state, options.records_per_shard)
+  samples = source.read(tuple(state.position))
+  bar = tqdm(
+    total=source.count(), initial=state.consumed, unit=" samples", disable=_no_bar(progress)
+  )
+  output.log_shards = bar.disable
+  try:
+    with bar:
+      for sample, outcome in _prepare_all(samples, options, num_workers):
+        if output.add(sample, *outcome):
+          bar.update()
+          if bar.n % 1000 == 0:
+            bar.set_postfix(written=output.written, skipped=sum(output.skipped.values()))
+      output.finish_shard()
+  except BaseException:
+    output.abort()  # The shard in progress is redone on resume.
+    raise
+  state = output.state
+  if not state.written:
+    raise ConvertError(
+      f"no records could be converted: skipped {state.skipped}, unreadable files "
+      f"{state.unreadable_files}"
+    )
+  state.done = True
+  _save_state(dst, state)
+  seconds = time.time() - start_time
+  with open(os.path.join(dst, SUMMARY_FILE), "w") as f:
+    json.dump(_summary(state, seconds), f, indent=2)
+  logging.info(
+    "Wrote %d records in %d shards to %s; skipped %d %s; %.0f samples/s this run.",
+    state.written,
+    len(state.shards),
+    dst,
+    sum(state.skipped.values()),
+    dict(sorted(state.skipped.items())),
+    (state.consumed - start_consumed) / max(seconds, 1e-9),
+  )
+  return state
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+  return None if progress is None else not progress  # tqdm: None disables off a terminal.
+
+
+# ---------------------------------------------------------------- command line
+
+
+def create_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="python -m vlp_jax.input_pipeline.convert",
+    description="Convert image-text data to vlp_jax's ArrayRecord shards.",
+  )
+  parser.add_argument("--from", dest="kind", required=True, choices=sources.FORMATS)
+  parser.add_argument(
+    "--src",
+    default="",
+    help="webdataset/arrow: a directory, glob, {000..009} pattern or comma list of files; "
+    "json/csv: the annotation file",
+  )
+  parser.add_argument("--dst", required=True, help="output directory (new, empty, or resumed)")
+  parser.add_argument("--image_root", default="", help="json/csv: base of relative image paths")
+  keys = ", ".join(f"{k}: {'/'.join(v)}" for k, v in sources.DEFAULT_KEYS.items())
+  parser.add_argument("--image_key", default="", help=f"image field; defaults {keys}")
+  parser.add_argument("--caption_key", default="", help="caption field (see --image_key)")
+  parser.add_argument("--id_key", default="", help="record key field (see --image_key)")
+  parser.add_argument("--separator", default="", help=r"csv: default ',' for .csv, else '\t'")
+  parser.add_argument("--tfds_name", default="", help="tfds: dataset name, e.g. coco_captions")
+  parser.add_argument("--tfds_data_dir", default="", help="tfds: prepared data directory")
+  parser.add_argument("--split", default="train", help="tfds: split, e.g. train or val[:1000]")
+  parser.add_argument("--resize_shorter", type=int, default=0, help="downscale to this side")
+  parser.add_argument("--records_per_shard", type=int, default=10_000)
+  parser.add_argument("--jpeg_quality", type=int, default=95)
+  parser.add_argument("--num_workers", type=int, default=0, help="processes decoding images")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = create_parser().parse_args(argv)
+  flags.FLAGS.mark_as_parsed()  # absl's logging waits for parsed flags; ours are argparse's.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  try:
+    source = sources.create_source(
+      args.kind,
+      args.src,
+      image_root=args.image_root,
+      keys=(args.image_key, args.caption_key, args.id_key),
+      separator=codecs.decode(args.separator, "unicode_escape"),  # '\t' typed as two chars.
+      tfds_name=args.tfds_name,
+      tfds_data_dir=os.path.expanduser(args.tfds_data_dir),
+      split=args.split,
+    )
+    options = ConvertOptions(args.records_per_shard, args.resize_shorter, args.jpeg_quality)
+    convert(source, args.dst, options, num_workers=args.num_workers)
+  except (sources.SourceError, ConvertError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()
