@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,18 @@ class Interner:
       self._text_ids[text] = len(self.texts)
       self.texts.append(text)
     return self._text_ids[text]
+
+  def matching_set(
+    self,
+    name: str,
+    item_images: Any,
+    item_texts: Any,
+    groups: dict[str, np.ndarray] | None = None,
+  ) -> MatchingSet:
+    """The benchmark's items over the images and texts collected so far."""
+    return MatchingSet(
+      name, self.images, self.texts, np.asarray(item_images), np.asarray(item_texts), groups or {}
+    )
 
 
 def item_scores(

@@ -82,13 +82,8 @@ def read_sugarcrepe(root: str, image_root: str) -> MatchingSet:
         ]
       )
       subsets.append(subset)
-  return MatchingSet(
-    "sugar_crepe",
-    interner.images,
-    interner.texts,
-    np.asarray(item_images),
-    np.asarray(item_texts),
-    {"subset": np.asarray(subsets)},
+  return interner.matching_set(
+    "sugar_crepe", item_images, item_texts, {"subset": np.asarray(subsets)}
   )
 
 
@@ -118,13 +113,8 @@ def read_aro_vg(path: str, image_root: str, group_key: str) -> MatchingSet:
       groups.append(f"{attributes[0]}_{attributes[1]}")
     else:
       groups.append(require(entry, group_key, where))
-  return MatchingSet(
-    os.path.basename(path),
-    interner.images,
-    interner.texts,
-    np.asarray(item_images),
-    np.asarray(item_texts),
-    {"group": np.asarray(groups)},
+  return interner.matching_set(
+    os.path.basename(path), item_images, item_texts, {"group": np.asarray(groups)}
   )
 
 
@@ -143,14 +133,7 @@ def read_aro_order(path: str, image_root: str) -> MatchingSet:
       [interner.image(ImageRef(os.path.join(image_root, require(entry, "image", where))))]
     )
     item_texts.append([interner.text(o) for o in options])
-  return MatchingSet(
-    os.path.basename(path),
-    interner.images,
-    interner.texts,
-    np.asarray(item_images),
-    np.asarray(item_texts),
-    {},
-  )
+  return interner.matching_set(os.path.basename(path), item_images, item_texts)
 
 
 def read_aro(root: str, options: dict[str, str]) -> dict[str, MatchingSet]:
@@ -217,14 +200,7 @@ def read_winoground(path: str, image_root: str) -> MatchingSet:
     item_images.append(pair)
     item_texts.append([interner.text(require(entry, k, where)) for k in ("caption_0", "caption_1")])
     tags.append(str(entry.get("collapsed_tag", "")))
-  return MatchingSet(
-    "winoground",
-    interner.images,
-    interner.texts,
-    np.asarray(item_images),
-    np.asarray(item_texts),
-    {"tag": np.asarray(tags)},
-  )
+  return interner.matching_set("winoground", item_images, item_texts, {"tag": np.asarray(tags)})
 
 
 def _csv_rows(path: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
@@ -298,14 +274,7 @@ def read_crepe(path: str, image_folders: list[str]) -> MatchingSet:
   padded = np.full((len(item_texts), width), PAD, np.int64)
   for i, texts in enumerate(item_texts):
     padded[i, : len(texts)] = texts
-  return MatchingSet(
-    "crepe",
-    interner.images,
-    interner.texts,
-    np.asarray(item_images),
-    padded,
-    {"subset": np.asarray(subsets)},
-  )
+  return interner.matching_set("crepe", item_images, padded, {"subset": np.asarray(subsets)})
 
 
 def _flag(value: str, where: str, column: str) -> bool:
