@@ -66,11 +66,9 @@ def jax_step(config, mesh=None, vocab_size: int = VOCAB_SIZE):
   mesh = mesh or sharding.create_mesh({"data": -1})
   parts = trainer.create_step_parts(config, mesh, vocab_size, 0, total_steps=1000)
   state, state_sharding = trainer.create_train_state(parts.model, parts.tx, mesh, seed=0)
-  step_fn = trainer.compile_train_step(
-    parts.model, parts.tx, parts.schedule, parts.masker, mesh, state_sharding
-  )
+  step_fn = trainer.compile_parts(parts, mesh, state_sharding)
   rng = np.random.default_rng(0)
-  size, context = parts.model.visual.image_size, parts.model.text.context_length
+  size, context = parts.model.visual.image_size, config.model.text.context_length
   batch = sharding.host_to_global(
     {
       "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),

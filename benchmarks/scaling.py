@@ -107,16 +107,7 @@ def measure_train(variant: str, axis: str, num_devices: int, per_device_batch: i
     "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
     "tokens": jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding),
   }
-  step_fn = trainer.compile_train_step(
-    parts.model,
-    parts.tx,
-    parts.schedule,
-    parts.masker,
-    mesh,
-    state_sharding,
-    loss_fn=parts.loss_fn,
-    grad_accum_steps=config.grad_accum_steps,
-  )
+  step_fn = trainer.compile_parts(parts, mesh, state_sharding, config.grad_accum_steps)
   start = time.perf_counter()
   lowered = step_fn.lower(state, inputs)
   lower_s = time.perf_counter() - start

@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Activation rematerialisation: "none", "full" (recompute blocks: least memory) or
   # "dots" (keep matmul outputs, recompute elementwise ops).
   config.model.remat = "none"
+  # A whole pretrained CLIP ("open_clip:PATH", "hf_clip:PATH" or a converted directory),
+  # loaded when the workdir has no checkpoint yet; the tower inits below override its parts.
+  config.model.init = ""
   config.model.image = ml_collections.ConfigDict()
   config.model.image.variant = "B/16"  # ViT size/patch, e.g. "Ti/16", "S/16", "B/16", "L/14".
   config.model.image.image_size = 224  # Input resolution in pixels.
@@ -34,7 +37,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.image.depth = ml_collections.FieldReference(None, field_type=int)
   config.model.image.mlp_dim = ml_collections.FieldReference(None, field_type=int)
   config.model.image.num_heads = ml_collections.FieldReference(None, field_type=int)
+  # Architecture options for towers converted from timm / MAE (vlp_jax.weights; the
+  # converter prints the values a checkpoint needs). Defaults: open_clip's ViT.
+  config.model.image.layer_norm_eps = 1e-5  # timm / MAE: 1e-6.
+  config.model.image.patch_bias = False  # A bias on the patch embedding (timm / MAE: True).
+  config.model.image.pre_norm = True  # ln_pre before the blocks (timm / MAE: False).
+  config.model.image.pool = "cls"  # "cls" token or "mean" of patch tokens (timm "avg").
+  # Pixel statistics in [0, 1] units, RGB; None: OpenAI CLIP's. timm / MAE ViTs mostly
+  # use ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
+  config.model.image.mean = ml_collections.FieldReference(None, field_type=tuple)
+  config.model.image.std = ml_collections.FieldReference(None, field_type=tuple)
+  # Pretrained image tower: "FORMAT:PATH" with FORMAT open_clip (a CLIP's visual part),
+  # hf_clip or timm (also MAE), or a directory written by `python -m vlp_jax.weights.convert`.
+  # Loaded when the workdir has no checkpoint yet; "": random initialisation.
+  config.model.image.init = ""
   config.model.text = ml_collections.ConfigDict()
+  # "clip": causal transformer pooling the end token (open_clip's); "bert": bidirectional
+  # BERT-family encoder (BERT, MiniLM, SimCSE) with config.model.text.pooling.
+  config.model.text.kind = "clip"
+  config.model.text.pooling = "cls"  # bert: "cls" token or "mean" over non-pad tokens.
+  # bert: position-embedding rows (the checkpoint's max_position_embeddings); None:
+  # context_length. Captions are still cut to context_length tokens.
+  config.model.text.max_positions = ml_collections.FieldReference(None, field_type=int)
+  config.model.text.layer_norm_eps = 1e-12  # bert only (CLIP's text tower uses 1e-5).
+  # Pretrained text tower: "FORMAT:PATH", FORMAT hf_bert (a Hugging Face model directory),
+  # open_clip or hf_clip (the text part), or a converted directory; "": random init.
+  config.model.text.init = ""
   # Token embedding rows; None: the tokenizer's vocabulary size.
   config.model.text.vocab_size = ml_collections.FieldReference(None, field_type=int)
   config.model.text.context_length = 77  # Tokens per caption, including [CLS]/[SEP].
@@ -43,12 +71,38 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.text.num_heads = 8
   config.model.text.mlp_dim = 2048
 
+  # What trains (vlp_jax/peft.py): "all" (CLIP), "lit" (image tower frozen), "lilt"
+  # (towers frozen but layer norms, adapters, projections), "bitfit" (biases, projections),
+  # "unlock_last" (last block per tower, projections), "lora" (LoRA factors only).
+  config.peft = ml_collections.ConfigDict()
+  config.peft.preset = "all"
+  # Per-tower overrides of the preset's mode: "all", "frozen", "lilt", "bitfit",
+  # "unlock_last", "lora"; "": the preset's. E.g. a pretrained text tower, locked: text="frozen".
+  config.peft.image = ""
+  config.peft.text = ""
+  config.peft.adapter_reduction = 4  # lilt: adapter width = tower width / this.
+  config.peft.lora_rank = 16  # lora: rank of A (in x r) and B (r x out).
+  config.peft.lora_alpha = 32.0  # lora: the update is (alpha / rank) * x A B.
+  # lora: comma list of Dense names to adapt (e.g. "in_proj,out_proj"); "": all of them.
+  config.peft.lora_targets = ""
+  # Regex over parameter paths that also train, e.g. "logit_scale|proj" or "attn/".
+  config.peft.train_also = ""
+
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid).
   # clip: "auto" (XLA places the gathers), "gathered" (all-gather features, full logits
   # on every device) or "local" (each device scores its own rows). siglip: "auto"/"full"
   # (B x B logits) or "ring" (text chunks passed around the devices; b x b at a time).
   config.loss.form = "auto"
+  # loss.kind "negclip" (vlp_jax/negclip.py): hard images are every record's nearest
+  # neighbour by the starting model's image embedding (mined once per run into the
+  # workdir), negatives swap two same-part-of-speech words or noun phrases. Tagger:
+  # "auto" (spaCy's en_core_web_sm if installed, else the lexicon), "lexicon" (the
+  # built-in dataset's words), "spacy" or "spacy:<model>"
+  # (pip install spacy && python -m spacy download en_core_web_sm).
+  config.negclip = ml_collections.ConfigDict()
+  config.negclip.tagger = "auto"
+  config.negclip.block_size = 4096  # Embeddings compared per block when mining.
   # Split each global batch into this many microbatches, with negatives shared across the
   # whole batch (features are cached, then each microbatch is re-run with gradients).
   config.grad_accum_steps = 1

@@ -1,4 +1,5 @@
-"""Running training as a user would (train.py in a subprocess) and reading what it logged."""
+"""Running training as a user would (train.py in a subprocess) and reading what it logged,
+and the small built-in dataset and training batches the pipeline tests share."""
 
 from __future__ import annotations
 
@@ -48,7 +49,44 @@ def logged_losses(workdir) -> list[float]:
 
 def first_batches(exp, num: int) -> list[dict]:
   """The first `num` training batches of an experiment, model inputs only."""
-  from vlp_jax import trainer
-
   iterator = iter(exp.train_dataset())
-  return [{k: b[k] for k in trainer.MODEL_INPUTS} for b in (next(iterator) for _ in range(num))]
+  return [{k: b[k] for k in exp.fields.names} for b in (next(iterator) for _ in range(num))]
+
+
+def small_builtin(cache_dir: str):
+  """The built-in dataset the pipeline tests read (one cached copy for all of them)."""
+  from vlp_jax.input_pipeline import builtin
+
+  return builtin.ensure_builtin(
+    cache_dir, seed=0, num_train=256, num_heldout=64, image_size=32, vocab_size=1000
+  )
+
+
+def small_tokenizer(data):
+  """small_builtin's WordPiece tokenizer: 24 tokens."""
+  from vlp_jax.input_pipeline import tokenizers
+
+  return tokenizers.create_tokenizer("wordpiece", data.vocab_file, context_length=24)
+
+
+def train_dataset(shards, tokenizer, **overrides):
+  """pipeline.create_train_dataset with small test defaults: 8 32x32 images a batch."""
+  from vlp_jax.input_pipeline import pipeline
+
+  kwargs = dict(
+    batch_size=8,
+    image_size=32,
+    crop_scale=(0.8, 1.0),
+    flip=True,
+    seed=0,
+    num_workers=0,
+    read_threads=2,
+  )
+  kwargs.update(overrides)
+  return pipeline.create_train_dataset(shards, tokenizer, **kwargs)
+
+
+def take(dataset, num_batches: int) -> list[dict]:
+  """The first `num_batches` batches of `dataset`."""
+  iterator = iter(dataset)
+  return [next(iterator) for _ in range(num_batches)]

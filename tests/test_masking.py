@@ -156,7 +156,7 @@ def test_masked_train_step_compiles_once_over_five_steps(kind, tiny_config, tmp_
   batches = []
   for _ in range(5):
     host_batch = next(iterator)
-    inputs = {k: host_batch[k] for k in trainer.MODEL_INPUTS}
+    inputs = {k: host_batch[k] for k in exp.fields.names}
     batches.append(trainer.sharding.host_to_global(inputs, exp.mesh))
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(

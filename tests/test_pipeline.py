@@ -5,42 +5,22 @@ import shutil
 import numpy as np
 import pytest
 
-from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
+from tests.runs import small_builtin, small_tokenizer, take, train_dataset
+from vlp_jax.input_pipeline import builtin, pipeline, records
 
 
 @pytest.fixture(scope="module")
 def data(cache_dir):
-  return builtin.ensure_builtin(
-    cache_dir, seed=0, num_train=256, num_heldout=64, image_size=32, vocab_size=1000
-  )
+  return small_builtin(cache_dir)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(data):
-  return tokenizers.create_tokenizer("wordpiece", data.vocab_file, context_length=24)
-
-
-def _train_dataset(shards, tokenizer, **overrides):
-  kwargs = dict(
-    batch_size=8,
-    image_size=32,
-    crop_scale=(0.8, 1.0),
-    flip=True,
-    seed=0,
-    num_workers=0,
-    read_threads=2,
-  )
-  kwargs.update(overrides)
-  return pipeline.create_train_dataset(shards, tokenizer, **kwargs)
-
-
-def _take(dataset, num_batches):
-  iterator = iter(dataset)
-  return [next(iterator) for _ in range(num_batches)]
+  return small_tokenizer(data)
 
 
 def test_batches_have_static_shapes_and_valid_tokens(data, tokenizer):
-  batch = _take(_train_dataset(data.train_shards, tokenizer), 1)[0]
+  batch = take(train_dataset(data.train_shards, tokenizer), 1)[0]
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["tokens"].shape == (8, 24) and batch["tokens"].dtype == np.int32
   assert (batch["tokens"][:, 0] == tokenizer.cls_id).all()
@@ -50,9 +30,9 @@ def test_batches_have_static_shapes_and_valid_tokens(data, tokenizer):
 
 
 def test_pipeline_is_deterministic_for_a_seed(data, tokenizer):
-  a = _take(_train_dataset(data.train_shards, tokenizer, seed=5), 3)
-  b = _take(_train_dataset(data.train_shards, tokenizer, seed=5), 3)
-  c = _take(_train_dataset(data.train_shards, tokenizer, seed=6), 3)
+  a = take(train_dataset(data.train_shards, tokenizer, seed=5), 3)
+  b = take(train_dataset(data.train_shards, tokenizer, seed=5), 3)
+  c = take(train_dataset(data.train_shards, tokenizer, seed=6), 3)
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -63,9 +43,9 @@ def test_processes_split_each_global_batch_without_repeats_or_drops(data, tokeni
   per_process_epoch = 256 // 2 // 8  # batches
   seen = []
   for process in range(2):
-    dataset = _train_dataset(data.train_shards, tokenizer, process_index=process, process_count=2)
-    seen.append([b for b in _take(dataset, 2 * per_process_epoch)])
-  one_process = _take(_train_dataset(data.train_shards, tokenizer, batch_size=16), 2)
+    dataset = train_dataset(data.train_shards, tokenizer, process_index=process, process_count=2)
+    seen.append([b for b in take(dataset, 2 * per_process_epoch)])
+  one_process = take(train_dataset(data.train_shards, tokenizer, batch_size=16), 2)
   for epoch in range(2):
     epoch_batches = slice(epoch * per_process_epoch, (epoch + 1) * per_process_epoch)
     indices = [np.concatenate([b["index"] for b in s[epoch_batches]]) for s in seen]
@@ -84,8 +64,8 @@ def test_processes_split_each_global_batch_without_repeats_or_drops(data, tokeni
 
 
 def test_worker_processes_give_the_same_batches(data, tokenizer):
-  in_process = _take(_train_dataset(data.train_shards, tokenizer), 2)
-  iterator = iter(_train_dataset(data.train_shards, tokenizer, num_workers=1))
+  in_process = take(train_dataset(data.train_shards, tokenizer), 2)
+  iterator = iter(train_dataset(data.train_shards, tokenizer, num_workers=1))
   try:
     with_workers = [next(iterator) for _ in range(2)]
   finally:
@@ -96,12 +76,12 @@ def test_worker_processes_give_the_same_batches(data, tokenizer):
 
 
 def test_iterator_state_resumes_the_exact_sequence(data, tokenizer):
-  iterator = iter(_train_dataset(data.train_shards, tokenizer))
+  iterator = iter(train_dataset(data.train_shards, tokenizer))
   for _ in range(3):
     next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(4)]
-  fresh = iter(_train_dataset(data.train_shards, tokenizer))
+  fresh = iter(train_dataset(data.train_shards, tokenizer))
   fresh.set_state(state)
   for x, y in zip(expected, [next(fresh) for _ in range(4)]):
     np.testing.assert_array_equal(x["index"], y["index"])
@@ -114,7 +94,7 @@ def test_mixture_follows_its_weights_and_resumes_exactly(data, tokenizer):
     records.ShardSet("a", tuple(data.train_shards[:1]), 3.0),
     records.ShardSet("b", tuple(data.train_shards[1:]), 1.0),
   ]
-  iterator = iter(_train_dataset(sets, tokenizer))
+  iterator = iter(train_dataset(sets, tokenizer))
   batches = [next(iterator) for _ in range(20)]
   source = np.concatenate([b["source"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
@@ -125,7 +105,7 @@ def test_mixture_follows_its_weights_and_resumes_exactly(data, tokenizer):
   assert len(set(first_epoch)) == 64
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(3)]
-  fresh = iter(_train_dataset(sets, tokenizer))
+  fresh = iter(train_dataset(sets, tokenizer))
   fresh.set_state(state)
   for x, y in zip(expected, [next(fresh) for _ in range(3)]):
     for key in ("source", "index", "image", "tokens"):
@@ -172,8 +152,8 @@ def _write_shard_with_corrupt_records(tmp_path):
 
 def test_corrupt_records_are_skipped_and_counted(tmp_path, tokenizer):
   shards, num_bad = _write_shard_with_corrupt_records(tmp_path)
-  dataset = _train_dataset(shards, tokenizer, batch_size=4)
-  batches = _take(dataset, 14)  # a little more than one epoch of 28 good records
+  dataset = train_dataset(shards, tokenizer, batch_size=4)
+  batches = take(dataset, 14)  # a little more than one epoch of 28 good records
   indices = np.concatenate([b["index"] for b in batches])
   assert not set(indices) & {i for i in range(40) if i % 10 in (3, 6, 8)}
   assert set(indices[:28]) == {i for i in range(40) if i % 10 not in (3, 6, 8)}

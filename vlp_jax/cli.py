@@ -35,6 +35,13 @@ class _DropLibraryInfo(py_logging.Filter):
     return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
 
 
+def log_to_absl_at_info() -> None:
+  """absl logging at INFO for an argparse entry point (the converters)."""
+  flags.FLAGS.mark_as_parsed()  # absl's logging waits for parsed flags; ours are argparse's.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+
+
 def quiet_library_logs() -> None:
   """Keeps our INFO lines and the libraries' warnings; drops the libraries' INFO chatter."""
   logging.get_absl_handler().addFilter(_DropLibraryInfo())

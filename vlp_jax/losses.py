@@ -22,10 +22,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax import sharding
+from vlp_jax import negclip, sharding
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-LOSS_KINDS = ("clip", "siglip")
+LOSS_KINDS = ("clip", "siglip", "negclip")
 CLIP_FORMS = ("auto", "gathered", "local")
 SIGLIP_FORMS = ("auto", "full", "ring")
 
@@ -156,9 +156,11 @@ def create_loss(loss_config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
   kind, form = loss_config.kind, loss_config.form
   if kind not in LOSS_KINDS:
     raise ValueError(f"config.loss.kind={kind!r} is not one of {LOSS_KINDS}")
-  forms = CLIP_FORMS if kind == "clip" else SIGLIP_FORMS
+  forms = {"clip": CLIP_FORMS, "siglip": SIGLIP_FORMS, "negclip": ("auto",)}[kind]
   if form not in forms:
     raise ValueError(f"config.loss.form={form!r} is not one of {forms} for {kind}")
+  if kind == "negclip":
+    return negclip.negclip_loss
   if kind == "clip":
     builders = {"auto": lambda _: clip_loss, "gathered": gathered_clip_loss}
     return builders.get(form, local_clip_loss)(mesh)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import ml_collections
 import optax
+
+from vlp_jax import peft
 
 
 def create_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -25,9 +30,14 @@ def decay_mask(params: optax.Params) -> optax.Params:
 
 
 def create_optimizer(
-  optim: ml_collections.ConfigDict, schedule: optax.Schedule
+  optim: ml_collections.ConfigDict,
+  schedule: optax.Schedule,
+  param_labels: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
-  return optax.chain(
+  """Clipping + AdamW; with `param_labels` (peft.labeler) only "train" parameters get
+  them, frozen ones get zero updates and no optimizer state (clipping sees only the
+  trainable gradients)."""
+  adamw = optax.chain(
     optax.clip_by_global_norm(optim.grad_clip_norm),
     optax.adamw(
       schedule,
@@ -38,3 +48,6 @@ def create_optimizer(
       mask=decay_mask,
     ),
   )
+  if param_labels is None:
+    return adamw
+  return optax.multi_transform({peft.TRAIN: adamw, peft.FREEZE: optax.set_to_zero()}, param_labels)

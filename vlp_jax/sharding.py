@@ -73,6 +73,14 @@ TENSOR_RULES = (
   ("attn/in_proj/kernel", 1),
   ("attn/in_proj/bias", 0),
   ("attn/out_proj/kernel", 0),
+  # BERT towers (models/bert.py): column-split q/k/v and FFN input, row-split outputs.
+  *(
+    (f"/{name}/{leaf}", dim)
+    for name in ("query", "key", "value", "intermediate")
+    for leaf, dim in (("kernel", 1), ("bias", 0))
+  ),
+  ("/attention_output/kernel", 0),
+  ("/output/kernel", 0),
 )
 
 
@@ -119,3 +127,13 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
   }
+
+
+def host_tree_to_global(tree: Any, shardings: Any) -> Any:
+  """Full host copies (the same on every process) -> global arrays with `shardings`; each
+  process places only its own devices' slices."""
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x)[index]),
+    tree,
+    shardings,
+  )

@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax import (
@@ -32,8 +33,11 @@ from vlp_jax import (
   evaluation,
   losses,
   masking,
+  negclip,
   optim,
+  peft,
   preemption,
+  pretrained,
   progress,
   sharding,
 )
@@ -42,8 +46,29 @@ from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
 from vlp_jax.masking import show
 from vlp_jax.models import CLIP, create_model
 
-# Batch fields that go to the devices; the rest (record index, skip count) stay on the host.
-MODEL_INPUTS = ("image", "tokens")
+
+@dataclasses.dataclass(frozen=True)
+class BatchFields:
+  """Batch fields that go to the devices (the rest, e.g. skip counts, stay on the host).
+
+  The step concatenates the image fields, and the token fields, in this order: NegCLIP's
+  [images; hard images] (2B) and [captions; hard captions; negatives; hard negatives] (4B).
+  """
+
+  images: tuple[str, ...] = ("image",)
+  texts: tuple[str, ...] = ("tokens",)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return self.images + self.texts
+
+  def model_inputs(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    concat = lambda names: jnp.concatenate([jnp.asarray(batch[n]) for n in names])  # noqa: E731
+    return {"image": concat(self.images), "tokens": concat(self.texts)}
+
+
+CLIP_FIELDS = BatchFields()
+NEGCLIP_FIELDS = BatchFields(negclip.IMAGE_FIELDS, negclip.TOKEN_FIELDS)
 
 
 @flax.struct.dataclass
@@ -63,9 +88,11 @@ def _loss_and_grads(
   *,
   model: CLIP,
   loss_fn: losses.LossFn,
+  freeze: Callable[[Any], Any],
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
   def compute(params):
-    out = model.apply({"params": params}, batch["image"], batch["tokens"], keep_indices)
+    variables = {"params": freeze(params)}
+    out = model.apply(variables, batch["image"], batch["tokens"], keep_indices)
     loss, metrics = loss_fn(out["image"], out["text"], out["logit_scale"], out.get("logit_bias"))
     return loss, {**metrics, "logit_scale": out["logit_scale"]}
 
@@ -79,6 +106,7 @@ def _accumulated_loss_and_grads(
   *,
   model: CLIP,
   loss_fn: losses.LossFn,
+  freeze: Callable[[Any], Any],
   num_microbatches: int,
   mesh: Mesh,
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
@@ -104,7 +132,7 @@ def _accumulated_loss_and_grads(
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
   def embed(params, micro):
-    variables = {"params": params}
+    variables = {"params": freeze(params)}
     image = model.apply(variables, micro["image"], micro.get("keep"), method=CLIP.encode_image)
     text = model.apply(variables, micro["tokens"], method=CLIP.encode_text)
     return image, text
@@ -141,11 +169,21 @@ def train_step(
   schedule: optax.Schedule,
   masker: masking.Masker,
   loss_fn: losses.LossFn = losses.clip_loss,
+  param_labels: Callable[[Any], Any] | None = None,
+  fields: BatchFields = CLIP_FIELDS,
   grad_accum_steps: int = 1,
   mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; a non-finite loss leaves the state unchanged."""
+  """One optimizer step on a global batch; a non-finite loss leaves the state unchanged.
+
+  `param_labels` (peft.labeler): frozen parameters get no gradient computation.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
+  batch = fields.model_inputs(batch)
+  if param_labels is None:
+    freeze = lambda params: params  # noqa: E731
+  else:
+    freeze = lambda params: peft.freeze_gradients(params, param_labels(params))  # noqa: E731
   keep_indices, mask_stats = masker(step_rng, batch["image"])
   if grad_accum_steps > 1:
     (loss, metrics), grads = _accumulated_loss_and_grads(
@@ -154,12 +192,13 @@ def train_step(
       keep_indices,
       model=model,
       loss_fn=loss_fn,
+      freeze=freeze,
       num_microbatches=grad_accum_steps,
       mesh=mesh,
     )
   else:
     (loss, metrics), grads = _loss_and_grads(
-      state.params, batch, keep_indices, model=model, loss_fn=loss_fn
+      state.params, batch, keep_indices, model=model, loss_fn=loss_fn, freeze=freeze
     )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -202,8 +241,13 @@ class Experiment:
   tx: optax.GradientTransformation
   masker: masking.Masker
   loss_fn: losses.LossFn
+  param_labels: Callable[[Any], Any] | None
+  fields: BatchFields
+  init_specs: list[pretrained.InitSpec]  # Pretrained towers for a fresh run.
+  tagger: negclip.Tagger | None  # NegCLIP's part-of-speech tagger (loss.kind "negclip").
 
-  def train_dataset(self) -> grain.IterDataset:
+  def train_dataset(self, negclip_spec: negclip.NegClipSpec | None = None) -> grain.IterDataset:
+    """The training batches; NegCLIP's (`negclip_spec`) add hard images and negatives."""
     data = self.config.data
     return pipeline.create_train_dataset(
       self.train_sets,
@@ -217,21 +261,28 @@ class Experiment:
       read_threads=data.read_threads,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      negclip=negclip_spec,
     )
+
+  def negclip_spec(self, params: Any, embedder: evaluation.Embedder) -> negclip.NegClipSpec | None:
+    """For loss.kind "negclip": the workdir's hard-image neighbours, mined with `params`
+    (the model about to be fine-tuned) the first time. Every process calls it."""
+    if self.config.loss.kind != "negclip":
+      return None
+    neighbours = negclip.load_or_mine_hard_images(
+      self.workdir,
+      functools.partial(embedder.images, params),
+      list(self.train_sets[0].shards),
+      block_size=self.config.negclip.block_size,
+    )
+    return negclip.NegClipSpec(neighbours, self.tagger)
 
   def compile_step(
     self, state_sharding: Any, grad_accum_steps: int | None = None
   ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted train step of this experiment (accumulation from the config by default)."""
-    return compile_train_step(
-      self.model,
-      self.tx,
-      self.schedule,
-      self.masker,
-      self.mesh,
-      state_sharding,
-      loss_fn=self.loss_fn,
-      grad_accum_steps=grad_accum_steps or self.config.grad_accum_steps,
+    return compile_parts(
+      self, self.mesh, state_sharding, grad_accum_steps or self.config.grad_accum_steps
     )
 
   def evaluator(self) -> evaluation.Evaluator:
@@ -290,17 +341,20 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     )
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
+  init_specs = pretrained.parse_specs(config)
   if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
     raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
   _check_workdir(workdir)
 
   data = config.data
+  pretrained_vocab = pretrained.text_vocab_file(init_specs)
+  builtin_vocab = None
   if data.train:
     train_sets = _resolve_mixture(data.train)
-    if not data.vocab_file:
+    vocab_file = data.vocab_file or pretrained_vocab
+    if not vocab_file:
       raise ConfigError("config.data.vocab_file is required when config.data.train is set")
     eval_spec = data.eval
-    vocab_file = data.vocab_file
   else:
     logging.info("No config.data.train given: using the built-in dataset.")
     built = builtin.ensure_builtin(
@@ -313,13 +367,14 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     )
     train_sets = [records.ShardSet("builtin", tuple(built.train_shards))]
     eval_spec = data.eval or ",".join(built.heldout_shards)
-    vocab_file = data.vocab_file or built.vocab_file
+    builtin_vocab = built.vocab_file
+    vocab_file = data.vocab_file or pretrained_vocab or builtin_vocab
   if not eval_spec:
     raise ConfigError("config.data.eval is required when config.data.train is set")
   eval_shards = _resolve("data.eval", eval_spec)
   if not os.path.isfile(vocab_file):
     raise ConfigError(f"config.data.vocab_file: {vocab_file!r} does not exist")
-  if data.tokenizer != "wordpiece" and not data.vocab_file:
+  if data.tokenizer != "wordpiece" and vocab_file == builtin_vocab:
     raise ConfigError(
       f"config.data.tokenizer={data.tokenizer!r} needs config.data.vocab_file (the built-in "
       "dataset's own vocab is WordPiece)"
@@ -330,6 +385,14 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  tagger = None
+  if config.loss.kind == "negclip":
+    if len(train_sets) != 1:
+      raise ConfigError("config.data.train: NegCLIP mines hard images in one shard set, not a mix")
+    try:
+      tagger = negclip.create_tagger(config.negclip.tagger)
+    except (ValueError, ImportError) as e:
+      raise ConfigError(f"config.negclip.tagger: {e}") from e
   total_steps = config.total_steps
   if not total_steps:
     # An epoch is one pass over the records of every set, whatever the weights.
@@ -348,6 +411,8 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     eval_shards=eval_shards,
     local_batch_size=config.batch_size // jax.process_count(),
     total_steps=total_steps,
+    init_specs=init_specs,
+    tagger=tagger,
     # Field by field: dataclasses.asdict would also turn the flax modules into dicts.
     **{field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)},
   )
@@ -362,13 +427,17 @@ class StepParts:
   loss_fn: losses.LossFn
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  # params -> "train"/"freeze" tree (config.peft); None: everything trains.
+  param_labels: Callable[[Any], Any] | None
+  fields: BatchFields  # What the step reads from a batch.
 
 
 def create_step_parts(
   config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int, pad_id: int, total_steps: int
 ) -> StepParts:
   """Builds the step's parts from the config (raises ValueError naming a bad key)."""
-  model = create_model(config.model, vocab_size, pad_id, loss_kind=config.loss.kind)
+  tuning = peft.tuning_from_config(config.peft)
+  model = create_model(config.model, vocab_size, pad_id, loss_kind=config.loss.kind, tuning=tuning)
   masker = masking.create_masker(
     config.masking,
     num_patches=model.visual.num_patches,
@@ -377,12 +446,36 @@ def create_step_parts(
     std=model.visual.std,
   )
   schedule = optim.create_schedule(config.optim, total_steps)
+  # "all" trains everything: plain AdamW, no labels (and the unchanged optimizer state).
+  everything = set(peft.tower_modes(config.peft).values()) == {"all"}
+  param_labels = None if everything and not config.peft.train_also else peft.labeler(config.peft)
   return StepParts(
     model=model,
     masker=masker,
     loss_fn=losses.create_loss(config.loss, mesh),
     schedule=schedule,
-    tx=optim.create_optimizer(config.optim, schedule),
+    tx=optim.create_optimizer(config.optim, schedule, param_labels),
+    param_labels=param_labels,
+    fields=NEGCLIP_FIELDS if config.loss.kind == "negclip" else CLIP_FIELDS,
+  )
+
+
+def compile_parts(
+  parts: StepParts | Experiment, mesh: Mesh, state_sharding: Any, grad_accum_steps: int = 1
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """`compile_train_step` with the model, optimizer, masker, loss, labels and batch fields
+  of `parts` (a StepParts, or an Experiment, which carries the same fields)."""
+  return compile_train_step(
+    parts.model,
+    parts.tx,
+    parts.schedule,
+    parts.masker,
+    mesh,
+    state_sharding,
+    loss_fn=parts.loss_fn,
+    param_labels=parts.param_labels,
+    fields=parts.fields,
+    grad_accum_steps=grad_accum_steps,
   )
 
 
@@ -432,6 +525,8 @@ def compile_train_step(
   state_sharding: Any,
   *,
   loss_fn: losses.LossFn = losses.clip_loss,
+  param_labels: Callable[[Any], Any] | None = None,
+  fields: BatchFields = CLIP_FIELDS,
   grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step` jitted once with explicit shardings; the old state's buffers are donated."""
@@ -442,6 +537,8 @@ def compile_train_step(
     schedule=schedule,
     masker=masker,
     loss_fn=loss_fn,
+    param_labels=param_labels,
+    fields=fields,
     grad_accum_steps=grad_accum_steps,
     mesh=mesh,
   )
@@ -455,12 +552,14 @@ def compile_train_step(
 
 def _abstract_batch(exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes, dtypes and shardings of the global batch the step receives."""
-  size, context = exp.model.visual.image_size, exp.model.text.context_length
+  size, context = exp.model.visual.image_size, exp.tokenizer.context_length
   batch_sharding = sharding.batch_sharding(exp.mesh)
   batch = exp.config.batch_size
+  image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding)
+  tokens = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding)
   return {
-    "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
-    "tokens": jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding),
+    **{name: image for name in exp.fields.images},
+    **{name: tokens for name in exp.fields.texts},
   }
 
 
@@ -495,30 +594,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
   writer = progress.create_metric_writer(workdir)
   state, state_sharding = create_train_state(exp.model, exp.tx, exp.mesh, config.seed)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  trainable, num_params = peft.count(state.params, exp.param_labels)
+  modes = peft.tower_modes(config.peft)
   logging.info(
-    "Model: %.2fM parameters; %d steps of batch %d on %d devices (mesh %s)",
+    "Model: %.2fM parameters, %.2fM trainable (%.2f%%; image tower %s, text tower %s); "
+    "%d steps of batch %d on %d devices (mesh %s)",
     num_params / 1e6,
+    trainable / 1e6,
+    100 * trainable / num_params,
+    modes["visual"],
+    modes["text"],
     exp.total_steps,
     config.batch_size,
     jax.device_count(),
     dict(exp.mesh.shape),
   )
 
-  train_iter = iter(exp.train_dataset())
   manager = checkpointing.create_checkpoint_manager(workdir, config)
   abstract_state = checkpointing.abstract_with_shardings(state, state_sharding)
+  fresh = manager.latest_step() is None
+  if fresh:  # Before the data: NegCLIP mines hard images with the starting parameters.
+    state = _initialise_params(exp, state, abstract_state, state_sharding)
+  evaluator = exp.evaluator()
+  train_iter = iter(exp.train_dataset(exp.negclip_spec(state.params, evaluator.embedder)))
   if restored := checkpointing.restore_newest_good(manager, abstract_state, train_iter):
     logging.info("Resuming from the checkpoint of step %d", restored[0])
     state = restored[1]
-  elif config.init_from:
-    logging.info("Initialising the parameters from %s", config.init_from)
-    state = state.replace(params=checkpointing.load_params(config.init_from, abstract_state))
+  elif not fresh:  # Checkpoints exist but none is readable: start over.
+    state = _initialise_params(exp, state, abstract_state, state_sharding)
 
   step_fn = exp.compile_step(state_sharding)
   # Compiled ahead of the loop: one compilation, whose cost analysis gives the MFU.
   step_fn = step_fn.lower(state, _abstract_batch(exp)).compile()
-  evaluator = exp.evaluator()
   eval_metrics: dict[str, float] = {}
   try:
     with preemption.PreemptionWatcher() as watcher:
@@ -531,6 +638,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if hasattr(train_iter, "close"):
       train_iter.close()  # Stops grain's worker processes and frees their shared memory.
   return eval_metrics
+
+
+def _initialise_params(
+  exp: Experiment, state: TrainState, abstract_state: TrainState, state_sharding: Any
+) -> TrainState:
+  """A fresh run's parameters: config.init_from's run, or the pretrained towers."""
+  if exp.config.init_from:
+    logging.info("Initialising the parameters from %s", exp.config.init_from)
+    return state.replace(params=checkpointing.load_params(exp.config.init_from, abstract_state))
+  if exp.init_specs:
+    host_params = multihost_utils.process_allgather(state.params, tiled=True)
+    params = pretrained.load(exp.init_specs, host_params)
+    return state.replace(params=sharding.host_tree_to_global(params, state_sharding.params))
+  return state
 
 
 def _train_loop(
@@ -557,7 +678,7 @@ def _train_loop(
       jax.profiler.start_trace(workdir)  # Open with TensorBoard's profile tab.
       tracing = True
     host_batch = next(train_iter)
-    device_batch = {k: host_batch[k] for k in MODEL_INPUTS}
+    device_batch = {k: host_batch[k] for k in exp.fields.names}
     state, metrics = step_fn(state, sharding.host_to_global(device_batch, exp.mesh))
     last_step = step == exp.total_steps or step == stop_step
     if tracing and (step >= profile_last or last_step):

@@ -1,8 +1,8 @@
 """Embeds images and texts with a CLIP on the device mesh, for every evaluation task.
 
 Images come as `ImageSource`s (a file, encoded bytes or an ArrayRecord record, with an
-optional crop box) and are decoded, center-cropped and resized by the input pipeline's
-own functions, so evaluation and training preprocess in one place.
+optional crop box), decoded by the input pipeline's functions and preprocessed as open_clip's
+eval transform does (`load_pixels`), so the embeddings equal open_clip's / CLIP_benchmark's.
 
 Every step has the same static global batch (padding rows carry row index -1), so
 nothing recompiles. Process p loads rows [p * local, (p + 1) * local) of each global
@@ -83,11 +83,22 @@ class RecordImage:
 
 
 def load_pixels(source: ImageSource, image_size: int) -> np.ndarray:
-  """Decode -> center square crop -> resize: uint8 (S, S, 3), as the eval pipeline does."""
+  """Decode -> shorter side to S (PIL bicubic) -> center S x S crop: uint8 (S, S, 3).
+
+  open_clip's eval transform (torchvision Resize(S) + CenterCrop(S)) with torchvision's
+  rounding: the longer side becomes int(S * long / short), the crop offset
+  round((side - S) / 2) (Python's, half to even). Cropping the square first and resizing
+  it (pipeline.crop_resize) samples other source positions on non-square images.
+  """
   image = source.open()
-  return pipeline.crop_resize(
-    image, pipeline.center_crop_box(image.width, image.height), image_size
-  )
+  width, height = image.size
+  short, long = min(width, height), max(width, height)
+  new_long = int(image_size * long / short)
+  size = (image_size, new_long) if width <= height else (new_long, image_size)
+  if size != image.size:
+    image = image.resize(size, Image.BICUBIC)
+  left, top = (round((side - image_size) / 2.0) for side in size)
+  return np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.uint8)
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

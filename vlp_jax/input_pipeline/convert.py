@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from absl import flags, logging
+from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
@@ -486,9 +486,9 @@ def create_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
   args = create_parser().parse_args(argv)
-  flags.FLAGS.mark_as_parsed()  # absl's logging waits for parsed flags; ours are argparse's.
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
+  from vlp_jax import cli  # Imports JAX: only for the command line.
+
+  cli.log_to_absl_at_info()
   try:
     source = sources.create_source(
       args.kind,

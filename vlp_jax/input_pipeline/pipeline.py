@@ -7,7 +7,8 @@ Train batches: {"image": uint8 (B, S, S, 3), "tokens": int32 (B, T), "index": in
 shard set "source" (its place in the training mixture), "skipped" counts the corrupt
 records dropped just before each row (summed into the `data/skipped` metric). Pixels
 stay uint8 until they reach the accelerator: 4x less host->device traffic; the model
-normalises them.
+normalises them. With `negclip`, rows also carry a hard image and negative captions
+(see vlp_jax/negclip.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import grain
@@ -27,6 +28,9 @@ from PIL import Image
 
 from vlp_jax.input_pipeline import records
 from vlp_jax.input_pipeline.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+  from vlp_jax.negclip import NegClipSpec
 
 # One OpenCV thread per process: grain already runs one worker process per core.
 cv2.setNumThreads(1)
@@ -188,23 +192,31 @@ class TrainTransform(grain.transforms.RandomMap):
   crop_scale: tuple[float, float]
   flip: bool
 
-  def random_map(self, element: tuple[int, int, bytes], rng: np.random.Generator) -> dict | None:
-    source, index, data = element
-    try:
-      record = records.decode_record(data)
-      captions = record["captions"]
-      text = captions[int(rng.integers(len(captions)))]
-      width, height = image_dimensions(record["image"])
-      box = random_resized_crop_box(width, height, rng, self.crop_scale)
-      max_shrink = min(box[2] - box[0], box[3] - box[1]) / self.image_size
-      pixels = decode_pixels(record["image"], max_shrink)
-    except (records.RecordError, ImageError) as e:
-      logging.log_every_n_seconds(logging.WARNING, "Skipping record %d: %s", 10, index, e)
-      return None
+  def augment(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Record bytes -> (augmented uint8 image, one of its captions), drawing from `rng`.
+
+    Raises `records.RecordError` or `ImageError` for a corrupt record.
+    """
+    record = records.decode_record(data)
+    captions = record["captions"]
+    text = captions[int(rng.integers(len(captions)))]
+    width, height = image_dimensions(record["image"])
+    box = random_resized_crop_box(width, height, rng, self.crop_scale)
+    max_shrink = min(box[2] - box[0], box[3] - box[1]) / self.image_size
+    pixels = decode_pixels(record["image"], max_shrink)
     scale = pixels.shape[1] / width  # The decoder may have shrunk the image.
     pixels = crop_resize_pixels(pixels, tuple(v * scale for v in box), self.image_size)
     if self.flip and rng.uniform() < 0.5:
       pixels = cv2.flip(pixels, 1)
+    return pixels, text
+
+  def random_map(self, element: tuple[int, int, bytes], rng: np.random.Generator) -> dict | None:
+    source, index, data = element
+    try:
+      pixels, text = self.augment(data, rng)
+    except (records.RecordError, ImageError) as e:
+      logging.log_every_n_seconds(logging.WARNING, "Skipping record %d: %s", 10, index, e)
+      return None
     return {
       "image": pixels,
       "text": text,
@@ -217,13 +229,19 @@ class TrainTransform(grain.transforms.RandomMap):
 @dataclasses.dataclass
 class TokenizeBatch(grain.transforms.Map):
   """Replaces a batch's "text" by "tokens": one tokeniser call per batch, not per caption
-  (each call into TensorFlow costs ~0.3 ms whatever its size)."""
+  (each call into TensorFlow costs ~0.3 ms whatever its size). `fields` names the
+  (text field, token field) pairs to replace; all are tokenised in that one call."""
 
   tokenizer: Tokenizer
+  fields: tuple[tuple[str, str], ...] = (("text", "tokens"),)
 
   def map(self, batch: dict) -> dict:
-    texts = batch.pop("text")
-    batch["tokens"] = self.tokenizer([str(t) for t in texts])
+    texts = [[str(t) for t in batch.pop(text_field)] for text_field, _ in self.fields]
+    tokens = self.tokenizer([t for field_texts in texts for t in field_texts])
+    start = 0
+    for (_, token_field), field_texts in zip(self.fields, texts):
+      batch[token_field] = tokens[start : start + len(field_texts)]
+      start += len(field_texts)
     return batch
 
 
@@ -369,21 +387,35 @@ def create_train_dataset(
   read_threads: int,
   process_index: int = 0,
   process_count: int = 1,
+  negclip: NegClipSpec | None = None,
 ) -> grain.IterDataset:
   """Infinite iterator dataset of this process's training batches (`batch_size` rows).
 
   `shards` is one list of shard paths, or shard sets mixed by their weights. The shuffle
   is global; augmentation is seeded by the global position, so a run sees the same
   global batches on any number of processes.
+
+  With `negclip` (a single shard set only), each row also carries its hard image, hard
+  caption and two swapped-word negatives: see `vlp_jax.negclip.NegClipSpec`.
   """
   if all(isinstance(s, str) for s in shards):
     shards = [records.ShardSet(",".join(shards), tuple(shards))]
   dataset = _shuffled_mixture(shards, global_batch=batch_size * process_count, seed=seed)
-  dataset = dataset.random_map(TrainTransform(image_size, tuple(crop_scale), flip), seed=seed)
+  transform = TrainTransform(image_size, tuple(crop_scale), flip)
+  tokenize = TokenizeBatch(tokenizer)
+  if negclip is not None:
+    if len(shards) != 1:
+      raise ValueError(
+        f"NegCLIP hard negatives need a single training shard set, not a mixture of "
+        f"{len(shards)}: its neighbour indices are record indices within that set"
+      )
+    transform = negclip.train_transform(transform, shards[0].shards)
+    tokenize = TokenizeBatch(tokenizer, negclip.text_fields())
+  dataset = dataset.random_map(transform, seed=seed)
   dataset = ProcessRows(dataset, batch_size, process_index, process_count)
   read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
   iterable = CountSkipped(dataset.to_iter_dataset(read_options, allow_nones=True))
-  iterable = iterable.batch(batch_size, drop_remainder=True).map(TokenizeBatch(tokenizer))
+  iterable = iterable.batch(batch_size, drop_remainder=True).map(tokenize)
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; library users (tests, notebooks) never parsed any.

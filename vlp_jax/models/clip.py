@@ -1,15 +1,17 @@
-"""Two-tower CLIP: image tower + text tower + learnable temperature."""
+"""Two-tower CLIP: image tower + text tower (CLIP causal or BERT) + learnable temperature."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlp_jax.models.layers import remat_policy_name
+from vlp_jax.models.bert import POOLINGS, BertTextTower
+from vlp_jax.models.layers import NO_TUNING, Tuning, remat_policy_name
 from vlp_jax.models.text import PAD_ID, TextTransformer
 from vlp_jax.models.vit import VisionTransformer, decode_variant
 
@@ -24,7 +26,7 @@ class CLIP(nn.Module):
   the sigmoid (SigLIP) loss, a learnable logit bias."""
 
   visual: VisionTransformer
-  text: TextTransformer
+  text: TextTransformer | BertTextTower  # Any text tower returning (embedding, aux).
   logit_scale_init: float = math.log(1 / 0.07)
   logit_scale_max: float = math.log(100.0)
   logit_bias_init: float | None = None  # SigLIP: -10; None: no bias parameter.
@@ -61,14 +63,30 @@ class CLIP(nn.Module):
     }
 
 
+def vit_options(image_cfg: ml_collections.ConfigDict) -> dict[str, object]:
+  """VisionTransformer's timm / MAE options from config.model.image (absent keys: defaults)."""
+  options = {
+    key: image_cfg[key]
+    for key in ("layer_norm_eps", "patch_bias", "pre_norm", "pool")
+    if image_cfg.get(key) is not None
+  }
+  for key in ("mean", "std"):  # None: CLIP's. [0, 1] units in the config, [0, 255] in the model.
+    if image_cfg.get(key) is not None:
+      options[key] = tuple(float(v) * 255 for v in image_cfg[key])
+  return options
+
+
 def create_model(
   model_config: ml_collections.ConfigDict,
   vocab_size: int,
   pad_id: int = PAD_ID,
   loss_kind: str = "clip",
+  tuning: Mapping[str, Tuning] | None = None,
 ) -> CLIP:
   """Builds CLIP from `config.model`; `vocab_size` and `pad_id` come from the tokenizer,
-  `loss_kind` (config.loss.kind) picks the temperature's initialisation."""
+  `loss_kind` (config.loss.kind) picks the temperature's initialisation, `tuning`
+  ({"visual": ..., "text": ...}, peft.tuning_from_config) adds adapters / LoRA factors."""
+  tuning = tuning or {}
   dtype = jnp.dtype(model_config.dtype)
   remat_policy_name(model_config.remat)  # Fails here, naming the key, not inside jit.
   image_cfg, text_cfg = model_config.image, model_config.text
@@ -91,25 +109,47 @@ def create_model(
     activation=model_config.activation,
     remat=model_config.remat,
     dtype=dtype,
+    tuning=tuning.get("visual", NO_TUNING),
+    **vit_options(image_cfg),
   )
   if text_cfg.vocab_size is not None and text_cfg.vocab_size < vocab_size:
     raise ValueError(
       f"config.model.text.vocab_size={text_cfg.vocab_size} is smaller than the "
       f"tokenizer's vocabulary ({vocab_size})"
     )
-  text = TextTransformer(
+  common = dict(
     vocab_size=text_cfg.vocab_size or vocab_size,
-    context_length=text_cfg.context_length,
     width=text_cfg.width,
     depth=text_cfg.depth,
     num_heads=text_cfg.num_heads,
     mlp_dim=text_cfg.mlp_dim,
     embed_dim=model_config.embed_dim,
-    activation=model_config.activation,
     remat=model_config.remat,
     dtype=dtype,
+    tuning=tuning.get("text", NO_TUNING),
     pad_id=pad_id,
   )
+  if text_cfg.kind == "clip":
+    text = TextTransformer(
+      context_length=text_cfg.context_length, activation=model_config.activation, **common
+    )
+  elif text_cfg.kind == "bert":
+    if text_cfg.pooling not in POOLINGS:
+      raise ValueError(f"config.model.text.pooling={text_cfg.pooling!r} is not one of {POOLINGS}")
+    positions = text_cfg.max_positions or text_cfg.context_length
+    if positions < text_cfg.context_length:
+      raise ValueError(
+        f"config.model.text.max_positions={positions} is smaller than context_length "
+        f"{text_cfg.context_length}"
+      )
+    text = BertTextTower(
+      context_length=positions,
+      pooling=text_cfg.pooling,
+      layer_norm_eps=text_cfg.layer_norm_eps,
+      **common,
+    )
+  else:
+    raise ValueError(f"config.model.text.kind={text_cfg.kind!r} is not one of ('clip', 'bert')")
   if loss_kind == "siglip":  # The SigLIP paper's initialisation: t = 10, b = -10.
     return CLIP(visual=visual, text=text, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
   return CLIP(visual=visual, text=text)

@@ -6,6 +6,7 @@ mlp.c_fc, mlp.c_proj, resblocks_<i>) so checkpoints map one to one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -26,8 +27,105 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def layer_norm(name: str, dtype: jnp.dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
+def layer_norm(name: str, dtype: jnp.dtype, eps: float = LAYER_NORM_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Parameter-efficient additions to every transformer block (config.peft).
+
+  adapter_reduction > 0 adds LilT's bottleneck adapters x + up(gelu(down(x))) of width
+  width // adapter_reduction; lora_rank > 0 adds a low-rank update (alpha / rank) * x A B to
+  the Dense layers named in lora_targets (empty: all of them). Both start as the identity
+  (up and B are zero-initialised), so a pretrained tower's outputs are unchanged at step 0.
+  """
+
+  adapter_reduction: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+  lora_targets: tuple[str, ...] = ()
+
+  def lora_rank_for(self, name: str) -> int:
+    return self.lora_rank if not self.lora_targets or name in self.lora_targets else 0
+
+
+NO_TUNING = Tuning()
+
+
+def _symmetric_uniform(bound: float) -> Callable:
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (kernel, bias) plus an optional LoRA pair (lora_a, lora_b)."""
+
+  features: int
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  use_bias: bool = True
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (fan_in, self.features))
+    y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    if self.lora_rank:
+      # A as torch's default Linear init (PEFT's choice), B zero: no change at step 0.
+      a = self.param("lora_a", _symmetric_uniform(fan_in**-0.5), (fan_in, self.lora_rank))
+      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features))
+      scale = self.lora_alpha / self.lora_rank
+      y = y + jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype)) * scale
+    return y
+
+
+def dense(
+  features: int, name: str, tuning: Tuning, dtype: jnp.dtype, **kwargs: Callable | bool
+) -> Dense:
+  """A Dense layer named `name`, with LoRA when `tuning` targets that name."""
+  return Dense(
+    features,
+    lora_rank=tuning.lora_rank_for(name),
+    lora_alpha=tuning.lora_alpha,
+    dtype=dtype,
+    name=name,
+    **kwargs,
+  )
+
+
+class Adapter(nn.Module):
+  """LilT's bottleneck adapter x + up(gelu(down(x))); `up` starts at zero (identity)."""
+
+  reduction: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.reduction:
+      raise ValueError(f"width {width} is not divisible by adapter_reduction {self.reduction}")
+    h = nn.Dense(
+      width // self.reduction,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.normal(1e-3),
+      name="down",
+    )(x)
+    h = nn.gelu(h, approximate=False)
+    return x + nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up")(h)
+
+
+def maybe_adapter(x: jax.Array, name: str, tuning: Tuning, dtype: jnp.dtype) -> jax.Array:
+  if not tuning.adapter_reduction:
+    return x
+  return Adapter(tuning.adapter_reduction, dtype, name=name)(x)
 
 
 class Attention(nn.Module):
@@ -37,6 +135,7 @@ class Attention(nn.Module):
   causal: bool = False
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,20 +143,18 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    qkv = nn.Dense(
+    qkv = dense(
       3 * width,
-      dtype=self.dtype,
+      "in_proj",
+      self.tuning,
+      self.dtype,
       kernel_init=nn.initializers.normal(width**-0.5),
-      name="in_proj",
     )(x)
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
-    return nn.Dense(
-      width,
-      dtype=self.dtype,
-      kernel_init=nn.initializers.normal(out_std),
-      name="out_proj",
+    return dense(
+      width, "out_proj", self.tuning, self.dtype, kernel_init=nn.initializers.normal(out_std)
     )(out.reshape(batch, length, width))
 
 
@@ -66,25 +163,30 @@ class Mlp(nn.Module):
   activation: str = "gelu"
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    h = nn.Dense(
+    h = dense(
       self.hidden_dim,
-      dtype=self.dtype,
+      "c_fc",
+      self.tuning,
+      self.dtype,
       kernel_init=nn.initializers.normal((2 * width) ** -0.5),
-      name="c_fc",
     )(x)
     h = ACTIVATIONS[self.activation](h)
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
-    return nn.Dense(
-      width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std), name="c_proj"
+    return dense(
+      width, "c_proj", self.tuning, self.dtype, kernel_init=nn.initializers.normal(out_std)
     )(h)
 
 
 class ResidualBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+  With adapters (LilT), each sub-layer's input first passes its adapter.
+  """
 
   num_heads: int
   mlp_dim: int
@@ -92,15 +194,19 @@ class ResidualBlock(nn.Module):
   activation: str = "gelu"
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
+  layer_norm_eps: float = LAYER_NORM_EPS  # timm's ViTs: 1e-6.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + Attention(self.num_heads, self.causal, self.out_init_std, self.dtype, name="attn")(
-      layer_norm("ln_1", self.dtype)(x)
-    )
-    x = x + Mlp(self.mlp_dim, self.activation, self.out_init_std, self.dtype, name="mlp")(
-      layer_norm("ln_2", self.dtype)(x)
-    )
+    x = maybe_adapter(x, "adapter_attn", self.tuning, self.dtype)
+    x = x + Attention(
+      self.num_heads, self.causal, self.out_init_std, self.dtype, self.tuning, name="attn"
+    )(layer_norm("ln_1", self.dtype, self.layer_norm_eps)(x))
+    x = maybe_adapter(x, "adapter_mlp", self.tuning, self.dtype)
+    x = x + Mlp(
+      self.mlp_dim, self.activation, self.out_init_std, self.dtype, self.tuning, name="mlp"
+    )(layer_norm("ln_2", self.dtype, self.layer_norm_eps)(x))
     return x
 
 
@@ -131,6 +237,8 @@ class Transformer(nn.Module):
   activation: str = "gelu"
   remat: bool | str = "none"
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
+  layer_norm_eps: float = LAYER_NORM_EPS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -149,6 +257,8 @@ class Transformer(nn.Module):
         self.activation,
         out_std,
         self.dtype,
+        self.tuning,
+        self.layer_norm_eps,
         name=f"resblocks_{i}",
       )(x)
     return x

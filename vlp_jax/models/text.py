@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Transformer, layer_norm
+from vlp_jax.models.layers import NO_TUNING, Transformer, Tuning, layer_norm
 
 PAD_ID = 0
 
@@ -37,6 +37,7 @@ class TextTransformer(nn.Module):
   activation: str = "gelu"
   remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   pad_id: int = PAD_ID  # The tokeniser's padding id; pooling skips trailing padding.
 
   @nn.compact
@@ -61,6 +62,7 @@ class TextTransformer(nn.Module):
       activation=self.activation,
       remat=self.remat,
       dtype=self.dtype,
+      tuning=self.tuning,
       name="transformer",
     )(x)
     x = layer_norm("ln_final", self.dtype)(x)

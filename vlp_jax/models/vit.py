@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Transformer, layer_norm
+from vlp_jax.models.layers import LAYER_NORM_EPS, NO_TUNING, Transformer, Tuning, layer_norm
 
 # name -> (width, depth, mlp_dim, num_heads). "mu" is our own demo size.
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -22,6 +22,10 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
   "H": (1280, 32, 5120, 16),
   "g": (1408, 40, 6144, 16),
 }
+
+# VisionTransformer.pool: "cls" pools the class token, "mean" the patch tokens (timm's
+# global_pool="avg"); either way ln_post normalises the pooled vector.
+POOLS = ("cls", "mean")
 
 # OpenAI CLIP's RGB statistics in [0, 255], as open_clip uses.
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
@@ -69,6 +73,10 @@ class VisionTransformer(nn.Module):
 
   `keep_indices` (B, K) selects which patch tokens enter the encoder (masking); the
   class token is always kept. Returns (embedding, aux) where aux holds `pre_logits`.
+
+  The defaults are open_clip's ViT; timm / MAE checkpoints need layer_norm_eps=1e-6,
+  patch_bias=True, pre_norm=False and, for models fine-tuned with average pooling and
+  fc_norm, pool="mean" (vlp_jax.weights.timm_vit).
   """
 
   size: VitSize
@@ -79,6 +87,11 @@ class VisionTransformer(nn.Module):
   activation: str = "gelu"
   remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
+  layer_norm_eps: float = LAYER_NORM_EPS  # Every layer norm's epsilon (timm: 1e-6).
+  patch_bias: bool = False  # A bias on the patch embedding conv1 (timm, MAE).
+  pre_norm: bool = True  # ln_pre after the embeddings (CLIP); timm / MAE ViTs have none.
+  pool: str = "cls"  # One of POOLS: the class token, or the mean of the patch tokens.
 
   @property
   def num_patches(self) -> int:
@@ -89,6 +102,8 @@ class VisionTransformer(nn.Module):
     self, images: jax.Array, keep_indices: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     size = self.size
+    if self.pool not in POOLS:
+      raise ValueError(f"VisionTransformer.pool={self.pool!r} is not one of {POOLS}")
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ValueError(f"images are {images.shape[1:3]}, model expects {self.image_size} px")
     x = normalize_pixels(images, self.mean, self.std, self.dtype)
@@ -97,7 +112,7 @@ class VisionTransformer(nn.Module):
       (size.patch_size, size.patch_size),
       strides=size.patch_size,
       padding="VALID",
-      use_bias=False,
+      use_bias=self.patch_bias,
       dtype=self.dtype,
       name="conv1",
     )(x)
@@ -112,7 +127,8 @@ class VisionTransformer(nn.Module):
       x = jnp.take_along_axis(x, keep_indices[..., None], axis=1)
     cls = (class_embedding + positional_embedding[0]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, size.width)), x], axis=1)
-    x = layer_norm("ln_pre", self.dtype)(x)
+    if self.pre_norm:
+      x = layer_norm("ln_pre", self.dtype, self.layer_norm_eps)(x)
     x = Transformer(
       size.depth,
       size.num_heads,
@@ -121,8 +137,11 @@ class VisionTransformer(nn.Module):
       activation=self.activation,
       remat=self.remat,
       dtype=self.dtype,
+      tuning=self.tuning,
+      layer_norm_eps=self.layer_norm_eps,
       name="transformer",
     )(x)
-    pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
+    pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
+    pooled = layer_norm("ln_post", self.dtype, self.layer_norm_eps)(pooled)
     proj = self.param("proj", nn.initializers.normal(scale), (size.width, self.embed_dim))
     return pooled @ proj.astype(self.dtype), {"pre_logits": pooled}

@@ -1,0 +1,24 @@
+"""LilT: ViT-B/16 and BERT-base both locked except layer norms, bottleneck adapters
+(reduction 4) in every block and the projections: about 7% of the parameters train.
+
+  python train.py --config=configs/lilt_b16_bert.py --workdir=/path/run \
+      --config.model.image.init=open_clip:/ckpt/ViT-B-16/open_clip_model.safetensors \
+      --config.model.text.init=hf_bert:/ckpt/bert-base-uncased --config.data.train=...
+
+Everything else as configs/lit_b16_bert.py.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import lit_b16_bert
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = lit_b16_bert.get_config(arg)
+  with config.unlocked():
+    config.peft.preset = "lilt"
+    config.peft.adapter_reduction = 4
+    config.optim.lr = 5e-4  # Adapters start at the identity and need larger steps.
+  return config

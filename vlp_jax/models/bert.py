@@ -1,0 +1,188 @@
+"""BERT-style bidirectional text tower (BERT, MiniLM, SimCSE encoders), CLS or mean pooled.
+
+Post-LN encoder layers with padding-masked attention, laid out so a Hugging Face
+`BertModel` state dict maps one to one (weights.hf_bert.import_hf_bert):
+
+  embeddings/{word_embeddings, position_embeddings, token_type_embeddings, LayerNorm}
+  layer_<i>/{query, key, value, attention_output, attention_ln,
+             intermediate, output, output_ln}
+  text_projection  (Dense with bias; absent when embed_dim is None or 0)
+
+With adapters (LilT), `adapter_attn` follows the attention output projection and
+`adapter_mlp` the FFN output projection, each before its residual LayerNorm:
+LN(adapter(dense(h)) + residual). Every linear layer of the encoder goes through
+`layers.dense`, so LoRA applies by layer name (query, key, value, attention_output,
+intermediate, output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.models import layers
+from vlp_jax.models.layers import NO_TUNING, REMAT_POLICIES, Tuning, remat_policy_name
+
+POOLINGS = ("cls", "mean")
+
+# Hugging Face's `hidden_act` names these cover: gelu (erf), gelu_new / gelu_pytorch_tanh
+# (tanh approximation), relu.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+  "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+  "relu": nn.relu,
+}
+
+_INIT = nn.initializers.normal(0.02)  # BERT's initializer_range.
+
+
+def mean_pool(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of x (B, T, W) over the positions where mask (B, T) is true (0 for none)."""
+  weights = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
+  return (total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)).astype(x.dtype)
+
+
+class BertLayer(nn.Module):
+  """Post-LN encoder layer: h = LN(x + attn(x)); LN(h + ffn(h))."""
+
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
+
+  def _dense(self, features: int, name: str) -> layers.Dense:
+    return layers.dense(features, name, self.tuning, self.dtype, kernel_init=_INIT)
+
+  def _ln(self, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x (B, T, W); mask (B, T) true at the tokens attention may look at."""
+    batch, length, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def heads(name: str) -> jax.Array:
+      return self._dense(width, name)(x).reshape(batch, length, self.num_heads, head_dim)
+
+    attended = jax.nn.dot_product_attention(
+      heads("query"), heads("key"), heads("value"), mask=mask[:, None, None, :]
+    ).reshape(batch, length, width)
+    h = self._dense(width, "attention_output")(attended)
+    h = layers.maybe_adapter(h, "adapter_attn", self.tuning, self.dtype)
+    x = self._ln("attention_ln")(h + x)
+
+    h = ACTIVATIONS[self.activation](self._dense(self.mlp_dim, "intermediate")(x))
+    h = self._dense(width, "output")(h)
+    h = layers.maybe_adapter(h, "adapter_mlp", self.tuning, self.dtype)
+    return self._ln("output_ln")(h + x)
+
+
+class BertEmbeddings(nn.Module):
+  """word + position + token-type embeddings, then LayerNorm."""
+
+  vocab_size: int
+  max_positions: int
+  width: int
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    def embed(num: int, name: str, ids: jax.Array) -> jax.Array:
+      return nn.Embed(num, self.width, embedding_init=_INIT, name=name)(ids).astype(self.dtype)
+
+    positions = jnp.arange(tokens.shape[-1])[None]
+    x = (
+      embed(self.vocab_size, "word_embeddings", tokens)
+      + embed(self.max_positions, "position_embeddings", positions)
+      + embed(self.type_vocab_size, "token_type_embeddings", token_type_ids)
+    )
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+
+
+class BertTextTower(nn.Module):
+  """Bidirectional BERT encoder over token ids (B, T) with [CLS] or mean pooling.
+
+  Same interface as text.TextTransformer: returns (embedding, aux) where embedding is
+  text_projection(pooled) (B, embed_dim), or the pooled vector (B, width) itself when
+  embed_dim is None or 0 (sentence-embedding use), and aux holds "pre_logits" (pooled)
+  and "hidden_states" (the last layer's output, (B, T, width)). Tokens equal to pad_id
+  are masked out of attention and of mean pooling; every text is one segment
+  (token type 0) unless token_type_ids are given.
+  """
+
+  vocab_size: int
+  context_length: int  # Position embeddings held: the longest token sequence accepted.
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  embed_dim: int | None
+  pooling: str = "cls"  # "cls": the first token's state; "mean": mean over non-pad tokens.
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  activation: str = "gelu"  # A key of ACTIVATIONS ("gelu" is exact, erf-based).
+  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
+  dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
+  pad_id: int = 0
+
+  @nn.compact
+  def __call__(
+    self, tokens: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}")
+    length = tokens.shape[-1]
+    if length > self.context_length:
+      raise ValueError(f"{length} tokens exceed context_length {self.context_length}")
+    mask = tokens != self.pad_id
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(tokens)
+    x = BertEmbeddings(
+      self.vocab_size,
+      self.context_length,
+      self.width,
+      self.type_vocab_size,
+      self.layer_norm_eps,
+      self.dtype,
+      name="embeddings",
+    )(tokens, token_type_ids)
+    policy = remat_policy_name(self.remat)
+    layer_cls = BertLayer
+    if policy != "none":
+      layer_cls = nn.remat(BertLayer, policy=REMAT_POLICIES[policy])
+    for i in range(self.depth):
+      x = layer_cls(
+        self.num_heads,
+        self.mlp_dim,
+        self.activation,
+        self.layer_norm_eps,
+        self.dtype,
+        self.tuning,
+        name=f"layer_{i}",
+      )(x, mask)
+    pooled = x[:, 0] if self.pooling == "cls" else mean_pool(x, mask)
+    aux = {"pre_logits": pooled, "hidden_states": x}
+    if not self.embed_dim:
+      return pooled, aux
+    # A plain Dense (no LoRA): the projection is new and trains whole under every preset.
+    projection = layers.Dense(
+      self.embed_dim,
+      kernel_init=nn.initializers.normal(self.width**-0.5),
+      dtype=self.dtype,
+      name="text_projection",
+    )
+    return projection(pooled), aux

@@ -1,0 +1,1 @@
+"""Import and export of pretrained weights (open_clip, Hugging Face, timm)."""
