@@ -69,6 +69,8 @@ def test_train_then_evaluate_end_to_end(tiny_config, tmp_path):
   assert metrics["num_images"] == 64 and metrics["num_texts"] == 64
   for key in ("image_retrieval_recall@1", "text_retrieval_recall@10"):
     assert 0.0 <= metrics[key] <= 1.0
+  tokenizer = json.loads(Path(workdir, "tokenizer.json").read_text())  # For weight export.
+  assert tokenizer["kind"] == "wordpiece" and tokenizer["eos_id"] not in (0, tokenizer["pad_id"])
   saved = json.loads(Path(workdir, "eval_retrieval.json").read_text())
   assert saved["step"] == 4 and saved["metrics"] == metrics
   logged = [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]

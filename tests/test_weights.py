@@ -541,3 +541,29 @@ def test_mae_checkpoint_into_clip(tmp_path):
   # ... and one without the patch bias.
   with pytest.raises(WeightsError, match="patch_bias"):
     timm_vit.import_timm_vit(path, clip.visual.clone(patch_bias=False))
+
+
+def test_export_of_a_wordpiece_run_pools_its_end_token(small, tmp_path):
+  import orbax.checkpoint as ocp
+
+  _, state_dict, fields = small
+  model = convert.model_from_fields(fields)
+  params = open_clip.import_open_clip(state_dict, model)
+  workdir = tmp_path / "run"
+  with ocp.CheckpointManager(str(workdir / "checkpoints")) as manager:
+    state = _RunState(step=jnp.array(3), params=params, opt_state={})
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps({"model": fields, "peft": {}}))
+  # WordPiece ids: [CLS]=1 ... [SEP]=2, pad 0; the end token is not the largest id.
+  tokenizer = {"kind": "wordpiece", "vocab_size": 100, "pad_id": 0, "eos_id": 2}
+  (workdir / convert.TOKENIZER_FILE).write_text(json.dumps(tokenizer))
+  tokens = np.array([[1, 57, 80, 2, 0, 0, 0, 0, 0, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  out_dir = str(tmp_path / "exported")
+  convert.main(["--to=open_clip", f"--src={workdir}", f"--dst={out_dir}"])
+  loaded = open_clip_lib.create_model(f"local-dir:{out_dir}").eval()
+  pix = pixels(32)
+  ours = our_embeddings(model, params, pix, tokens)
+  theirs = open_clip_embeddings(loaded, torch_images(pix), tokens)
+  for a, b in zip(ours, theirs, strict=True):
+    assert rel_error(a, b) < TOLERANCE

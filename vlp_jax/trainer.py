@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -586,12 +587,25 @@ def run_eval(
   return evaluation.heldout_metrics(results)
 
 
+def tokenizer_info(tokenizer: tokenizers.Tokenizer, kind: str) -> dict[str, Any]:
+  """What exporting a run needs of its tokenizer: kind, vocabulary size, pad and end ids."""
+  ids = np.asarray(tokenizer([""]))[0]
+  return {
+    "kind": kind,
+    "vocab_size": tokenizer.vocab_size,
+    "pad_id": tokenizer.pad_id,
+    "eos_id": int(ids[ids != tokenizer.pad_id][-1]),
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in workdir) and returns final eval metrics."""
   exp = create_experiment(config, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "tokenizer.json"), "w") as f:  # For weight export.
+      json.dump(tokenizer_info(exp.tokenizer, config.data.tokenizer), f, indent=2)
   writer = progress.create_metric_writer(workdir)
   state, state_sharding = create_train_state(exp.model, exp.tx, exp.mesh, config.seed)
   trainable, num_params = peft.count(state.params, exp.param_labels)

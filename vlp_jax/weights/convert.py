@@ -36,6 +36,7 @@ from vlp_jax.weights.state_dict import (
 )
 
 INFO_FILE = "vlp_jax_weights.json"
+TOKENIZER_FILE = "tokenizer.json"  # A training run's tokenizer kind, vocab, pad and end ids.
 PARAMS_DIR = "params"
 SOURCES = ("open_clip", "hf_clip", "timm")
 # load_tower_params kinds -> the top-level parameter entries they replace.
@@ -217,6 +218,9 @@ def read_params(path: str) -> tuple[Params, dict[str, Any]]:
     with open(os.path.join(workdir, "config.json")) as f:
       info["config"] = json.load(f)
     info["model"] = info["config"].get("model")
+  if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
+    with open(os.path.join(workdir, TOKENIZER_FILE)) as f:
+      info["tokenizer"] = json.load(f)
   return _restore_run_params(checkpoints), info
 
 
@@ -334,8 +338,12 @@ def export(src: str, dst: str, lora_alpha: float | None = None) -> str:
   params, info = read_params(src)
   if lora_alpha is None:
     lora_alpha = (info.get("config", {}).get("peft") or {}).get("lora_alpha")
+  tokenizer = info.get("tokenizer") or {}
+  # open_clip pools the largest token id (CLIP BPE's end token); other vocabularies need
+  # its "eos" pooling at their end token, which our last-non-pad pooling equals.
+  eos_id = tokenizer.get("eos_id") if tokenizer.get("kind", "clip_bpe") != "clip_bpe" else None
   return open_clip.save_open_clip(
-    params, dst, lora_alpha=lora_alpha, model_fields=info.get("model")
+    params, dst, lora_alpha=lora_alpha, model_fields=info.get("model"), eos_id=eos_id
   )
 
 

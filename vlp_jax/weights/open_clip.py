@@ -200,10 +200,12 @@ def save_open_clip(
   *,
   lora_alpha: float | None = None,
   model_fields: Mapping[str, Any] | None = None,
+  eos_id: int | None = None,
 ) -> str:
   """Writes export_open_clip(params) to `path`: a .safetensors file, or a directory that
   gets open_clip_model.safetensors and, with `model_fields` (our config.model fields),
-  open_clip_config.json, so open_clip.create_model("local-dir:<path>") loads it.
+  open_clip_config.json, so open_clip.create_model("local-dir:<path>") loads it; with
+  `eos_id` its text tower pools that token ("eos") instead of the largest id ("argmax").
   Returns the weights file's path."""
   from safetensors.numpy import save_file
 
@@ -215,8 +217,17 @@ def save_open_clip(
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, "open_clip_model.safetensors")
     if model_fields is not None:
+      model_cfg = open_clip_model_cfg(model_fields)
+      # The tensors are the truth where the config defers to the tokenizer (vocab None).
+      text_cfg = model_cfg["text_cfg"]
+      text_cfg["vocab_size"], text_cfg["context_length"] = (
+        state_dict["token_embedding.weight"].shape[0],
+        state_dict["positional_embedding"].shape[0],
+      )
+      if eos_id is not None:
+        text_cfg.update(pool_type="eos", eos_id=int(eos_id))
       with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": open_clip_model_cfg(model_fields)}, f, indent=2)
+        json.dump({"model_cfg": model_cfg}, f, indent=2)
   save_file(state_dict, weights)
   return weights
 
