@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax.models import layers
-from vlp_jax.models.layers import NO_TUNING, REMAT_POLICIES, Tuning, remat_policy_name
+from vlp_jax.models.layers import NO_TUNING, Tuning, with_remat
 
 POOLINGS = ("cls", "mean")
 
@@ -160,10 +160,7 @@ class BertTextTower(nn.Module):
       self.dtype,
       name="embeddings",
     )(tokens, token_type_ids)
-    policy = remat_policy_name(self.remat)
-    layer_cls = BertLayer
-    if policy != "none":
-      layer_cls = nn.remat(BertLayer, policy=REMAT_POLICIES[policy])
+    layer_cls = with_remat(BertLayer, self.remat)
     for i in range(self.depth):
       x = layer_cls(
         self.num_heads,

@@ -227,6 +227,12 @@ def remat_policy_name(remat: bool | str) -> str:
   return name
 
 
+def with_remat(block_cls: type[nn.Module], remat: bool | str) -> type[nn.Module]:
+  """`block_cls`, rematerialised under the `config.model.remat` policy (unless "none")."""
+  policy = remat_policy_name(remat)
+  return block_cls if policy == "none" else nn.remat(block_cls, policy=REMAT_POLICIES[policy])
+
+
 class Transformer(nn.Module):
   """A stack of residual blocks named resblocks_<i>, with optional rematerialisation."""
 
@@ -245,10 +251,7 @@ class Transformer(nn.Module):
     width = x.shape[-1]
     # open_clip's residual-branch output scale: shrink with depth for stable early training.
     out_std = width**-0.5 * (2 * self.depth) ** -0.5
-    policy = remat_policy_name(self.remat)
-    block_cls = ResidualBlock
-    if policy != "none":
-      block_cls = nn.remat(ResidualBlock, policy=REMAT_POLICIES[policy])
+    block_cls = with_remat(ResidualBlock, self.remat)
     for i in range(self.depth):
       x = block_cls(
         self.num_heads,
