@@ -61,14 +61,14 @@ def jax_step(config, mesh=None, vocab_size: int = VOCAB_SIZE):
   sys.path.insert(0, ROOT)
   import numpy as np
 
-  from vlp_jax import sharding, trainer
+  from vlp_jax import experiment, sharding, trainer
 
   mesh = mesh or sharding.create_mesh({"data": -1})
-  parts = trainer.create_step_parts(config, mesh, vocab_size, 0, total_steps=1000)
-  state, state_sharding = trainer.create_train_state(parts.model, parts.tx, mesh, seed=0)
-  step_fn = trainer.compile_parts(parts, mesh, state_sharding)
+  parts = experiment.create_step_parts(config, mesh, tokenizer_spec(config, vocab_size), 1000)
+  state, state_sharding = trainer.create_train_state(parts.method, parts.tx, mesh, seed=0)
+  step_fn = trainer.compile_step(parts, state_sharding)
   rng = np.random.default_rng(0)
-  size, context = parts.model.visual.image_size, config.model.text.context_length
+  size, context = parts.method.model.visual.image_size, config.model.text.context_length
   batch = sharding.host_to_global(
     {
       "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
@@ -76,7 +76,15 @@ def jax_step(config, mesh=None, vocab_size: int = VOCAB_SIZE):
     },
     mesh,
   )
-  return state, step_fn, parts.masker, batch
+  return state, step_fn, parts.method.masker, batch
+
+
+def tokenizer_spec(config, vocab_size: int = VOCAB_SIZE):
+  """What create_experiment's tokenizer gives the method, without one (pad id 0:
+  models.text.PAD_ID)."""
+  from vlp_jax import experiment
+
+  return experiment.TokenizerSpec(vocab_size, 0, config.model.text.context_length)
 
 
 def jax_clip(variant: str, batch_size: int, **masking: object):

@@ -5,7 +5,7 @@ CPU devices (nothing runs at full size).
       [--per_device_batch=8] [--loss_batch=32768] [--cpu_step_batch=4] [--jobs=2]
 
 One run reports:
-1. The real train step (trainer.compile_train_step, abstract state and batch) of
+1. The real train step (trainer.compile_step, abstract state and batch) of
    configs/clip_vitb16.py at each ViT variant, on a mesh {"fsdp": N} over the first N of 8
    host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), at a fixed per-device
    batch: parameter + optimizer bytes per device (from the state's shardings), XLA's
@@ -70,19 +70,17 @@ def memory_stats(compiled) -> dict[str, int]:
 def measure_train(variant: str, axis: str, num_devices: int, per_device_batch: int) -> dict:
   """Compiles (never runs) the train step on a mesh {axis: N} over the first N devices."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from configs import clip_vitb16
-  from vlp_jax import progress, sharding, trainer
+  from vlp_jax import experiment, progress, sharding, trainer
 
   batch = per_device_batch * num_devices
   config = clip_vitb16.get_config(f"variant={variant},batch_size={batch}")
   mesh = sharding.create_mesh({axis: num_devices}, jax.devices()[:num_devices])
   # What create_experiment builds, minus data and tokenizer (pad id 0: models.text.PAD_ID).
-  parts = trainer.create_step_parts(config, mesh, common.VOCAB_SIZE, 0, total_steps=1000)
-  visual = parts.model.visual
-  abstract, state_sharding = trainer.abstract_train_state(parts.model, parts.tx, mesh, seed=0)
+  parts = experiment.create_step_parts(config, mesh, common.tokenizer_spec(config), 1000)
+  abstract, state_sharding = trainer.abstract_train_state(parts.method, parts.tx, mesh, seed=0)
 
   def shard_bytes(leaf, leaf_sharding):
     return math.prod(leaf_sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
@@ -101,13 +99,8 @@ def measure_train(variant: str, axis: str, num_devices: int, per_device_batch: i
     abstract,
     state_sharding,
   )
-  size, context = visual.image_size, parts.model.text.context_length
-  batch_sharding = sharding.batch_sharding(mesh)
-  inputs = {
-    "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
-    "tokens": jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=batch_sharding),
-  }
-  step_fn = trainer.compile_parts(parts, mesh, state_sharding, config.grad_accum_steps)
+  inputs = parts.abstract_batch()
+  step_fn = trainer.compile_step(parts, state_sharding)
   start = time.perf_counter()
   lowered = step_fn.lower(state, inputs)
   lower_s = time.perf_counter() - start

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from vlp_jax.config_lib import EVAL_TASKS
+from vlp_jax.config_lib import (
+  EVAL_TASKS,
+  Rule,
+  at_least,
+  each,
+  fraction_interval,
+  in_range,
+  one_of_or,
+  positive,
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields a run reads, with defaults; variant configs override a few."""
   config = ml_collections.ConfigDict()
+  # Training method (vlp_jax/methods): "contrastive" (CLIP, SigLIP, FLIP / cluster
+  # masking, LiT / LilT / LoRA: config.loss, masking, peft) or "negclip".
+  config.method = "contrastive"
   config.seed = 0  # Seeds initialisation, data order, augmentation and masking.
   config.batch_size = 256  # Global batch (all processes together).
   config.total_steps = 0  # Training steps; 0 derives them from num_epochs.
@@ -94,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on every device) or "local" (each device scores its own rows). siglip: "auto"/"full"
   # (B x B logits) or "ring" (text chunks passed around the devices; b x b at a time).
   config.loss.form = "auto"
-  # loss.kind "negclip" (vlp_jax/negclip.py): hard images are every record's nearest
+  # config.method "negclip" (vlp_jax/methods/negclip.py): hard images are every record's nearest
   # neighbour by the starting model's image embedding (mined once per run into the
   # workdir), negatives swap two same-part-of-speech words or noun phrases. Tagger:
   # "auto" (spaCy's en_core_web_sm if installed, else the lexicon), "lexicon" (the
@@ -198,3 +210,84 @@ def base_config() -> ml_collections.ConfigDict:
   # (A100, H100, TPU v4/v5/v6), and no MFU where unknown (e.g. CPUs).
   config.peak_flops_per_device = 0.0
   return config
+
+
+# The valid range of every numeric field of base_config, checked before any compute
+# (vlp_jax.config_lib.check_rules). Rules that involve several fields (batch divisibility,
+# masking.min_ratio <= masking.ratio, ...) stay where the fields are used. A *_every_steps
+# of 0 means "never" where the loop can skip the event (eval: only at the end, mask
+# pictures); logging and checkpointing have no "never", so they need >= 1.
+_DEVICES = one_of_or((-1,), at_least(1))  # -1: the remaining devices.
+RULES: dict[str, Rule] = {
+  "seed": at_least(0),
+  "batch_size": at_least(1),
+  "total_steps": at_least(0),  # 0: from num_epochs.
+  "num_epochs": at_least(0),
+  "mesh.data": _DEVICES,
+  "mesh.fsdp": _DEVICES,
+  "mesh.tensor": _DEVICES,
+  "model.embed_dim": at_least(1),
+  "model.image.image_size": at_least(1),
+  "model.image.width": at_least(1),
+  "model.image.depth": at_least(1),
+  "model.image.mlp_dim": at_least(1),
+  "model.image.num_heads": at_least(1),
+  "model.image.layer_norm_eps": positive(),
+  "model.image.mean": each(in_range(0, 1), length=3),
+  "model.image.std": each(positive(), length=3),
+  "model.text.max_positions": at_least(1),
+  "model.text.layer_norm_eps": positive(),
+  "model.text.vocab_size": at_least(1),
+  "model.text.context_length": at_least(2),  # Room for the start and end tokens.
+  "model.text.width": at_least(1),
+  "model.text.depth": at_least(1),
+  "model.text.num_heads": at_least(1),
+  "model.text.mlp_dim": at_least(1),
+  "peft.adapter_reduction": at_least(1),
+  "peft.lora_rank": at_least(1),
+  "peft.lora_alpha": positive(),
+  "negclip.block_size": at_least(1),
+  "grad_accum_steps": at_least(1),
+  "masking.ratio": in_range(0, 1, include_high=False),
+  "masking.min_ratio": in_range(0, 1, include_high=False),
+  "masking.anchor_ratio": in_range(0, 1),
+  "masking.calibration_steps": at_least(1),
+  "masking.num_clusters": at_least(1),  # kmeans needs 2: masking.validate.
+  "masking.kmeans_iterations": at_least(1),
+  "masking.show_every_steps": at_least(0),  # 0: never.
+  "data.crop_scale": fraction_interval(),
+  "data.num_workers": at_least(0),  # 0: decode in the trainer process.
+  "data.read_threads": at_least(1),
+  "data.max_skipped_fraction": in_range(0, 1),
+  "data.builtin.num_train": at_least(1),
+  "data.builtin.num_heldout": at_least(1),
+  "data.builtin.image_size": at_least(1),
+  "data.builtin.vocab_size": at_least(1),
+  "data.builtin.seed": at_least(0),
+  "optim.lr": positive(),
+  "optim.warmup_steps": at_least(0),
+  "optim.end_lr_ratio": in_range(0, 1),
+  "optim.weight_decay": at_least(0),
+  "optim.b1": in_range(0, 1, include_high=False),
+  "optim.b2": in_range(0, 1, include_high=False),
+  "optim.eps": positive(),
+  "optim.grad_clip_norm": positive(),  # 0 would clip every update to nothing.
+  "eval.every_steps": at_least(0),  # 0: only at the end.
+  "eval.batch_size": at_least(1),
+  "eval.max_captions": at_least(1),
+  "eval.recall_ks": each(at_least(1)),
+  "eval.svo_threshold": in_range(-1, 1),  # A cosine similarity.
+  "eval.linear_probe.lr": positive(),
+  "eval.linear_probe.epochs": at_least(1),
+  "eval.linear_probe.batch_size": at_least(1),
+  "eval.linear_probe.seed": at_least(0),
+  "eval.linear_probe.val_proportion": in_range(0, 1, include_high=False),  # 0: no search.
+  "log_every_steps": at_least(1),
+  "checkpoint_every_steps": at_least(1),
+  "keep_checkpoints": at_least(1),  # 0 would delete every checkpoint, the last one too.
+  "stop_after_steps": at_least(0),  # 0: run to the end.
+  "max_nonfinite_streak": at_least(1),
+  "profile_first_step": at_least(0),  # 0: no trace.
+  "profile_num_steps": at_least(1),
+  "peak_flops_per_device": at_least(0),  # 0: look up the device kind.
+}

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base_config()
   config.batch_size = args.batch_size  # Images per batch before hard images: 4x texts.
   config.num_epochs = args.epochs
-  config.loss.kind = "negclip"
+  config.method = "negclip"
 
   # OpenAI's CLIP ViT-B/32 layout (open_clip "ViT-B-32-quickgelu").
   config.model.init = "open_clip:pretrained/ViT-B-32-openai.safetensors"

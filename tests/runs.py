@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -47,10 +48,23 @@ def logged_losses(workdir) -> list[float]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+def wait_for_logged_step(process, workdir, step: int, output, poll_s: float = 0.02) -> None:
+  """Waits until `process` (a training run) has logged `step` in metrics.jsonl; kills it
+  and fails the test, showing `output()` (its log), if it ends or takes 300 s first."""
+  import pytest
+
+  deadline = time.time() + 300
+  while len(logged_losses(workdir)) < step:
+    if process.poll() is not None or time.time() > deadline:
+      process.kill()
+      pytest.fail(f"the run ended before step {step}: {output()[-3000:]}")
+    time.sleep(poll_s)
+
+
 def first_batches(exp, num: int) -> list[dict]:
   """The first `num` training batches of an experiment, model inputs only."""
   iterator = iter(exp.train_dataset())
-  return [{k: b[k] for k in exp.fields.names} for b in (next(iterator) for _ in range(num))]
+  return [{k: b[k] for k in exp.batch_fields} for b in (next(iterator) for _ in range(num))]
 
 
 def small_builtin(cache_dir: str):

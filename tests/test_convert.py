@@ -1,8 +1,11 @@
 """convert: every input format round-trips; bad samples are skipped by reason or fixed."""
 
+import contextlib
 import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -304,6 +307,174 @@ def test_an_unreadable_tar_is_named_and_the_rest_converted(tmp_path):
   assert "tar" in state.unreadable_files[str(tmp_path / "b.tar")]
 
 
+@contextlib.contextmanager
+def _fails_after(seconds: int):
+  """A blocked open() or read() raises instead of hanging the test run."""
+
+  def interrupt(signum, frame):
+    pytest.fail(f"still blocked after {seconds} s")  # Not an OSError: nothing swallows it.
+
+  previous = signal.signal(signal.SIGALRM, interrupt)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _write_json(path, images: list[str]) -> None:
+  path.write_text(json.dumps([{"image": image, "caption": f"of {image}"} for image in images]))
+
+
+def test_only_regular_image_files_are_read_and_never_past_the_byte_limit(tmp_path):
+  (tmp_path / "good.jpg").write_bytes(_jpeg(COLOURS[0]))
+  (tmp_path / "big.jpg").write_bytes(_jpeg(COLOURS[1]) + bytes(3000))
+  os.mkfifo(tmp_path / "fifo.jpg")  # Opening it for reading would wait for a writer forever.
+  images = ["good.jpg", "big.jpg", "fifo.jpg", "/dev/zero"]  # /dev/zero never ends.
+  if os.path.exists("/proc/self/maps"):
+    images.append("/proc/self/maps")  # Regular, st_size 0, yet longer: only a bounded read stops.
+  _write_json(tmp_path / "list.json", images)
+  source = sources.JsonListSource(str(tmp_path / "list.json"), allow_outside_root=True)
+  # A small limit: should the file-type check fail, /dev/zero costs 2 kB, not all memory.
+  with _fails_after(60):
+    state = convert.convert(source, str(tmp_path / "out"), _small_options(max_image_bytes=2000))
+  assert [r["key"] for r in _read(tmp_path / "out")] == ["good.jpg"]
+  assert state.skipped == {"image_not_a_regular_file": 2, "image_file_too_large": len(images) - 3}
+
+
+def test_a_fifo_swapped_in_after_the_type_check_cannot_block(tmp_path, monkeypatch):
+  regular, fifo = tmp_path / "regular.jpg", tmp_path / "fifo.jpg"
+  regular.write_bytes(b"x")
+  os.mkfifo(fifo)
+  real_stat = os.stat
+  # The check sees a regular file; by the time it is opened, the path names a FIFO.
+  monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(regular if p == str(fifo) else p))
+  with _fails_after(60), pytest.raises(convert.SampleError) as e:
+    convert.read_image_file(str(fifo), os.path.realpath(tmp_path), 1000)
+  assert e.value.reason == "image_not_a_regular_file"
+
+
+def test_image_paths_must_resolve_within_the_image_root(tmp_path):
+  (tmp_path / "imgs").mkdir()
+  (tmp_path / "imgs" / "inside.jpg").write_bytes(_jpeg(COLOURS[0]))
+  (tmp_path / "outside.jpg").write_bytes(_jpeg(COLOURS[1]))
+  (tmp_path / "imgs" / "link_in.jpg").symlink_to(tmp_path / "imgs" / "inside.jpg")
+  (tmp_path / "imgs" / "link_out.jpg").symlink_to(tmp_path / "outside.jpg")
+  images = ["inside.jpg", "link_in.jpg", "../outside.jpg", str(tmp_path / "outside.jpg")]
+  images.append("link_out.jpg")
+  _write_json(tmp_path / "list.json", images)
+  json_list = str(tmp_path / "list.json")
+  state = convert.convert(
+    sources.JsonListSource(json_list, image_root=str(tmp_path / "imgs")), str(tmp_path / "a")
+  )
+  assert [r["key"] for r in _read(tmp_path / "a")] == ["inside.jpg", "link_in.jpg"]
+  assert state.skipped == {"image_outside_root": 3}
+
+  source = sources.JsonListSource(
+    json_list, image_root=str(tmp_path / "imgs"), allow_outside_root=True
+  )
+  assert convert.convert(source, str(tmp_path / "b")).written == 5
+
+  # Without an image root, the annotation file's directory is the root.
+  rows = "".join(f"{image}\tof {image}\n" for image in images)
+  (tmp_path / "imgs" / "list.tsv").write_text(f"filepath\ttitle\n{rows}")
+  state = convert.convert(
+    sources.CsvSource(str(tmp_path / "imgs" / "list.tsv")), str(tmp_path / "c")
+  )
+  assert (state.written, state.skipped) == (2, {"image_outside_root": 3})
+
+
+def test_command_line_refuses_device_files_and_paths_outside_the_root(tmp_path):
+  (tmp_path / "good.jpg").write_bytes(_jpeg(COLOURS[0]))
+  _write_json(tmp_path / "a.json", ["good.jpg", "/dev/zero"])
+  common = ["--from=json", f"--src={tmp_path / 'a.json'}", "--max_image_bytes=2000"]
+  convert.main([*common, f"--dst={tmp_path / 'o'}"])
+  convert.main([*common, f"--dst={tmp_path / 'p'}", "--allow_outside_root"])
+  for dst, reason in (("o", "image_outside_root"), ("p", "image_not_a_regular_file")):
+    summary = json.loads((tmp_path / dst / "summary.json").read_text())
+    assert (summary["written"], summary["skipped"]) == (1, {reason: 1})
+    assert summary["options"]["max_image_bytes"] == 2000
+
+
+def test_the_byte_limit_holds_for_tar_members_and_arrow_cells(tmp_path):
+  import pyarrow as pa
+
+  small, large = _jpeg(COLOURS[0]), _jpeg(COLOURS[1]) + bytes(3000)
+  members = [("0.jpg", small), ("0.txt", b"small"), ("1.jpg", large), ("1.txt", b"large")]
+  members += [("2.jpg", small), ("2.txt", b"long caption file " * 200)]
+  _write_tar(tmp_path / "a.tar", members)
+  options = _small_options(max_image_bytes=2000)
+  state = convert.convert(
+    sources.WebDatasetSource(str(tmp_path / "a.tar")), str(tmp_path / "t"), options
+  )
+  assert [r["key"] for r in _read(tmp_path / "t")] == ["0"]
+  assert state.skipped == {"image_file_too_large": 1, "caption_file_too_large": 1}
+
+  table = pa.table({"image": [small, large, None], "caption": ["a", "b", "c"]})
+  path = str(tmp_path / "a.arrow")
+  with pa.OSFile(path, "wb") as sink, pa.RecordBatchFileWriter(sink, table.schema) as writer:
+    writer.write_table(table)
+  state = convert.convert(sources.ArrowSource(path), str(tmp_path / "r"), options)
+  assert [r["caption"] for r in _read(tmp_path / "r")] == ["a"]
+  assert state.skipped == {"image_file_too_large": 1, "missing_image": 1}
+
+
+def test_tar_members_whose_names_are_not_utf8_are_skipped(tmp_path):
+  members = [("0.jpg", _jpeg(COLOURS[0])), ("0.txt", b"fine")]
+  members += [("caf\xe9.jpg", _jpeg(COLOURS[1])), ("caf\xe9.txt", b"latin-1 name")]
+  members += [("2.jpg", _jpeg(COLOURS[2])), ("2.txt", b"fine too")]
+  with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  state = convert.convert(sources.WebDatasetSource(str(tmp_path / "a.tar")), str(tmp_path / "out"))
+  assert [r["key"] for r in _read(tmp_path / "out")] == ["0", "2"]
+  assert state.skipped == {"key_not_utf8": 1}
+
+
+def _crash_after_shards(monkeypatch, shards: int) -> None:
+  """The next conversion stops once shard `shards` is in place but before its state is saved."""
+  real_save = convert._save_state
+
+  def save_or_crash(dst, state):
+    if len(state.shards) == shards:
+      raise KeyboardInterrupt
+    real_save(dst, state)
+
+  monkeypatch.setattr(convert, "_save_state", save_or_crash)
+
+
+def test_a_truncated_tar_is_counted_named_and_keeps_what_came_before(tmp_path, monkeypatch, caplog):
+  members = []
+  for i in range(6):
+    members += [(f"{i}.jpg", _jpeg(COLOURS[i % 5])), (f"{i}.txt", f"caption {i}".encode())]
+  _write_tar(tmp_path / "full.tar", members)
+  with tarfile.open(tmp_path / "full.tar") as tar:
+    offsets = [(m.offset, m.offset_data) for m in tar.getmembers()]
+  data = (tmp_path / "full.tar").read_bytes()
+  (tmp_path / "a.tar").write_bytes(data[: offsets[8][0] + 100])  # Inside sample 4's header.
+  (tmp_path / "b.tar").write_bytes(data[: offsets[6][1] + 10])  # Inside sample 3's image.
+  _write_tar(tmp_path / "c.tar", [("c.jpg", _jpeg(COLOURS[0])), ("c.txt", b"after them")])
+  source = sources.WebDatasetSource(str(tmp_path / "{a,b,c}.tar"))
+  with caplog.at_level(logging.WARNING):
+    full = convert.convert(source, str(tmp_path / "full"), _small_options(records_per_shard=2))
+  keys = [r["key"] for r in _read(tmp_path / "full")]
+  assert keys == [*[str(i) for i in range(4)], *[str(i) for i in range(3)], "c"]
+  assert full.skipped == {"truncated_tar": 2} and full.written == 8
+  assert str(tmp_path / "a.tar") in caplog.text and str(tmp_path / "b.tar") in caplog.text
+
+  # Stopped inside b.tar and resumed: the same shards, the same counts.
+  _crash_after_shards(monkeypatch, 3)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert(source, str(tmp_path / "resumed"), _small_options(records_per_shard=2))
+  monkeypatch.undo()
+  resumed = convert.convert(source, str(tmp_path / "resumed"), _small_options(records_per_shard=2))
+  assert _raw(tmp_path / "resumed") == _raw(tmp_path / "full")
+  assert (resumed.written, resumed.skipped, resumed.shards) == (8, full.skipped, full.shards)
+
+
 def _json_source(tmp_path, n: int) -> sources.JsonListSource:
   entries = []
   for i in range(n):
@@ -319,14 +490,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   source = _json_source(tmp_path, 23)
   full = convert.convert(source, str(tmp_path / "full"), _small_options())
 
-  real_save = convert._save_state
-
-  def crash_after_second_shard(dst, state):
-    if len(state.shards) == 2:  # Shard 2 is in place but the saved state does not know it.
-      raise KeyboardInterrupt
-    real_save(dst, state)
-
-  monkeypatch.setattr(convert, "_save_state", crash_after_second_shard)
+  _crash_after_shards(monkeypatch, 2)  # Shard 2 is in place but the saved state does not know it.
   with pytest.raises(KeyboardInterrupt):
     convert.convert(source, str(tmp_path / "resumed"), _small_options())
   monkeypatch.undo()

@@ -45,6 +45,7 @@ from tests.test_eval_metrics import numpy2_scalars  # noqa: E402, F401 (a fixtur
 from vlp_jax import evaluation, sharding  # noqa: E402
 from vlp_jax.evaluation import classification, report  # noqa: E402
 from vlp_jax.input_pipeline import tokenizers  # noqa: E402
+from vlp_jax.models import embedding_fns  # noqa: E402
 from vlp_jax.weights import convert, open_clip  # noqa: E402
 
 CLIP_MERGES = str(importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz")
@@ -264,7 +265,12 @@ def our_side(model_dir: str, data: dict[str, str], workdir: str, monkeypatch) ->
   tokenizer = tokenizers.create_tokenizer("clip_bpe", CLIP_MERGES, 77)
   mesh = sharding.create_mesh(config.mesh.to_dict())
   evaluator = evaluation.create_evaluator(
-    config, model, mesh, tokenizer, [], tasks=["zeroshot_retrieval", "zeroshot_classification"]
+    config,
+    embedding_fns(model),
+    mesh,
+    tokenizer,
+    [],
+    tasks=["zeroshot_retrieval", "zeroshot_classification"],
   )
   embedder, embedded, logits = evaluator.embedder, [], []
   for method in ("images", "texts"):

@@ -32,16 +32,25 @@ def experiment(tmp_path_factory, cache_dir):
   config = tiny.get_config(f"cache_dir={cache_dir}")
   workdir = str(tmp_path_factory.mktemp("eval_run"))
   exp = trainer.create_experiment(config, workdir)
-  state, _ = trainer.create_train_state(exp.model, exp.tx, exp.mesh, config.seed)
+  state, _ = trainer.create_train_state(exp.method, exp.tx, exp.mesh, config.seed)
   return exp, state
+
+
+def _embedder(exp, batch_size: int, read_threads: int) -> Embedder:
+  return Embedder(
+    exp.method.predict_fns(),
+    exp.mesh,
+    exp.tokenizer,
+    batch_size=batch_size,
+    image_size=32,
+    read_threads=read_threads,
+  )
 
 
 def test_embedder_returns_the_models_embeddings_in_order(experiment):
   exp, state = experiment
   assert jax.device_count() == 8
-  embedder = Embedder(
-    exp.model, exp.mesh, exp.tokenizer, batch_size=16, image_size=32, read_threads=2
-  )
+  embedder = _embedder(exp, 16, 2)
   rng = np.random.default_rng(0)
   # 37 images: three batches of 16, the last one padded.
   images = [
@@ -49,24 +58,22 @@ def test_embedder_returns_the_models_embeddings_in_order(experiment):
   ]
   got = embedder.images(state.params, images)
   pixels = np.stack([embedding.load_pixels(i, 32) for i in images])
-  expected = exp.model.apply(
+  expected = exp.method.model.apply(
     {"params": state.params}, jnp.asarray(pixels), method=CLIP.encode_image
   )
   np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5)
   texts = [f"a {c} circle above a small square" for c in ("red", "green", "blue")] * 7
   got = embedder.texts(state.params, texts[:20])
   tokens = jnp.asarray(exp.tokenizer(texts[:20]))
-  expected = exp.model.apply({"params": state.params}, tokens, method=CLIP.encode_text)
+  expected = exp.method.model.apply({"params": state.params}, tokens, method=CLIP.encode_text)
   np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5)
   with pytest.raises(ValueError, match="batch_size=12"):
-    Embedder(exp.model, exp.mesh, exp.tokenizer, batch_size=12, image_size=32, read_threads=1)
+    _embedder(exp, 12, 1)
 
 
 def test_a_missing_image_fails_naming_it(experiment):
   exp, state = experiment
-  embedder = Embedder(
-    exp.model, exp.mesh, exp.tokenizer, batch_size=8, image_size=32, read_threads=1
-  )
+  embedder = _embedder(exp, 8, 1)
   with pytest.raises(embedding.DataError, match=r"nowhere/x\.jpg"):
     embedder.images(state.params, [ImageRef("/nowhere/x.jpg")])
 
@@ -189,14 +196,8 @@ def test_eval_py_evaluates_every_checkpoint_and_writes_clip_benchmark_files(
 
 
 def test_unknown_task_and_missing_dataset_fail_before_compute(experiment):
-  from vlp_jax import evaluation
-
   exp, _ = experiment
   with pytest.raises(ValueError, match="unknown evaluation task 'sugar'"):
-    evaluation.create_evaluator(
-      exp.config, exp.model, exp.mesh, exp.tokenizer, exp.eval_shards, tasks=["sugar"]
-    )
+    exp.evaluator(["sugar"])
   with pytest.raises(ValueError, match=r"--data\.aro=<path>"):
-    evaluation.create_evaluator(
-      exp.config, exp.model, exp.mesh, exp.tokenizer, exp.eval_shards, tasks=["aro"]
-    )
+    exp.evaluator(["aro"])

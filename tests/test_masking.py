@@ -150,13 +150,13 @@ def test_bad_masking_configs_name_the_key(overrides, message):
 def test_masked_train_step_compiles_once_over_five_steps(kind, tiny_config, tmp_path):
   tiny_config.masking.kind = kind
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
-  state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  step_fn = exp.compile_step(state_sharding)
+  state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
+  step_fn = trainer.compile_step(exp, state_sharding)
   iterator = iter(exp.train_dataset())
   batches = []
   for _ in range(5):
     host_batch = next(iterator)
-    inputs = {k: host_batch[k] for k in exp.fields.names}
+    inputs = {k: host_batch[k] for k in exp.batch_fields}
     batches.append(trainer.sharding.host_to_global(inputs, exp.mesh))
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(

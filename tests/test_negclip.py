@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tests.runs import small_builtin, small_tokenizer, take, train_dataset
-from vlp_jax import negclip, trainer
-from vlp_jax.input_pipeline import builtin, pipeline, records
+from vlp_jax import losses
+from vlp_jax.input_pipeline import builtin, negatives, pipeline, records
+from vlp_jax.methods import contrastive, negclip
 
 # ---------------------------------------------------------------- taggers and swaps
 
@@ -74,16 +75,16 @@ NOTHING_TO_SWAP = [
 
 @pytest.fixture(scope="module")
 def tagger():
-  return negclip.LexiconTagger({**negclip.builtin_lexicon(), **EXTRA_LEXICON})
+  return negatives.LexiconTagger({**negatives.builtin_lexicon(), **EXTRA_LEXICON})
 
 
 def test_builtin_lexicon_covers_every_caption_word():
-  lexicon = negclip.builtin_lexicon()
-  vocabulary = {w.lower() for c in BUILTIN_CAPTIONS for w in negclip.words(c)}
+  lexicon = negatives.builtin_lexicon()
+  vocabulary = {w.lower() for c in BUILTIN_CAPTIONS for w in negatives.words(c)}
   assert vocabulary <= set(lexicon)
   assert {lexicon[s] for s in builtin.SHAPES} == {"NOUN"}
   assert {lexicon[c] for c in (*builtin.COLOUR_NAMES, *builtin.SIZES)} == {"ADJ"}
-  tagging = negclip.LexiconTagger(lexicon).tag("a small red circle left of a large blue square")
+  tagging = negatives.LexiconTagger(lexicon).tag("a small red circle left of a large blue square")
   assert tagging.pairs()[:5] == [
     ("a", "OTHER"),
     ("small", "ADJ"),
@@ -96,7 +97,7 @@ def test_builtin_lexicon_covers_every_caption_word():
 
 def _check_negative(caption: str, negative: str) -> None:
   assert negative != caption
-  assert sorted(negclip.words(negative)) == sorted(negclip.words(caption))
+  assert sorted(negatives.words(negative)) == sorted(negatives.words(caption))
   assert sorted(negative) == sorted(caption)  # Spaces and punctuation are all still there.
   if not re.search(r"[^\w\s]", caption):  # No punctuation to stay behind: whole tokens move.
     assert sorted(negative.split()) == sorted(caption.split())
@@ -107,7 +108,7 @@ def test_swapped_negatives_differ_and_keep_their_words(tagger):
   kinds = set()
   for caption in BUILTIN_CAPTIONS + AWKWARD_CAPTIONS:
     for _ in range(5):
-      negative = negclip.swap_negative(caption, tagger, rng)
+      negative = negatives.swap_negative(caption, tagger, rng)
       assert negative is not None, caption  # Every caption here has a same-POS swap.
       _check_negative(caption, negative)
       kinds.add(_swap_kind(caption, negative, tagger))
@@ -116,7 +117,7 @@ def test_swapped_negatives_differ_and_keep_their_words(tagger):
 
 def _swap_kind(caption: str, negative: str, tagger) -> str:
   """Which category a swap came from: one-word swaps by the words' POS, else NP."""
-  old, new = negclip.words(caption), negclip.words(negative)
+  old, new = negatives.words(caption), negatives.words(negative)
   changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
   pos = {t.text: t.pos for t in tagger.tag(caption).tokens}
   if len(changed) != 2:
@@ -129,7 +130,7 @@ def _swap_kind(caption: str, negative: str, tagger) -> str:
 def test_swaps_move_only_the_swapped_words(tagger):
   caption = "Alice slowly chases a happy dog; the dog quickly eats."
   rng = np.random.default_rng(1)
-  seen = {negclip.swap_negative(caption, tagger, rng) for _ in range(200)}
+  seen = {negatives.swap_negative(caption, tagger, rng) for _ in range(200)}
   assert "Alice quickly chases a happy dog; the dog slowly eats." in seen  # ADV
   assert "Alice slowly eats a happy dog; the dog quickly chases." in seen  # VERB
   assert "Alice slowly chases the dog; a happy dog quickly eats." in seen  # NP
@@ -141,35 +142,35 @@ def test_swaps_move_only_the_swapped_words(tagger):
 def test_nothing_to_swap_gives_none_and_the_fallbacks(tagger):
   rng = np.random.default_rng(0)
   for caption in NOTHING_TO_SWAP:
-    assert negclip.swap_negative(caption, tagger, rng) is None, caption
-  negative, kind = negclip.make_negative("sunset over the sea", "x", tagger, rng)
-  assert kind == negclip.NEGATIVE_ANY_SWAP
+    assert negatives.swap_negative(caption, tagger, rng) is None, caption
+  negative, kind = negatives.make_negative("sunset over the sea", "x", tagger, rng)
+  assert kind == negatives.NEGATIVE_ANY_SWAP
   _check_negative("sunset over the sea", negative)
-  assert negclip.make_negative("a a a", "a red circle", tagger, rng) == (
+  assert negatives.make_negative("a a a", "a red circle", tagger, rng) == (
     "a red circle",
-    negclip.NEGATIVE_OTHER_CAPTION,
+    negatives.NEGATIVE_OTHER_CAPTION,
   )
-  negative, kind = negclip.make_negative("a red small circle", "x", tagger, rng)
-  assert (negative, kind) == ("a small red circle", negclip.NEGATIVE_SWAP)
+  negative, kind = negatives.make_negative("a red small circle", "x", tagger, rng)
+  assert (negative, kind) == ("a small red circle", negatives.NEGATIVE_SWAP)
 
 
 class _SubwordTagger:
   """A tagger whose tokens split words, as spaCy splits "don't" and "red-circle"."""
 
-  def tag(self, caption: str) -> negclip.Tagging:
+  def tag(self, caption: str) -> negatives.Tagging:
     tokens = [
-      negclip.Token(m.group(), "NOUN", m.start(), m.end()) for m in re.finditer(r"\w+", caption)
+      negatives.Token(m.group(), "NOUN", m.start(), m.end()) for m in re.finditer(r"\w+", caption)
     ]
-    return negclip.Tagging(tuple(tokens), ((0, 3), (4, 7)))
+    return negatives.Tagging(tuple(tokens), ((0, 3), (4, 7)))
 
 
 def test_tokens_glued_to_other_words_are_never_moved():
   rng = np.random.default_rng(0)
   for caption in ["don't red-circle", "cat's red-circle x-ray"]:
-    assert negclip.swap_negative(caption, _SubwordTagger(), rng) is None
+    assert negatives.swap_negative(caption, _SubwordTagger(), rng) is None
   # "dog" and "cat" stand alone and may move; "do", "n't" (here "t") may not.
   for _ in range(20):
-    negative = negclip.swap_negative("dog cat don't", _SubwordTagger(), rng)
+    negative = negatives.swap_negative("dog cat don't", _SubwordTagger(), rng)
     assert negative == "cat dog don't"
 
 
@@ -211,11 +212,11 @@ class _FakeSpacy:
 
 
 def test_spacy_tagger_maps_tags_and_noun_chunks():
-  tagger = negclip.SpacyTagger("fake", nlp=_FakeSpacy(parsed=True))
+  tagger = negatives.SpacyTagger("fake", nlp=_FakeSpacy(parsed=True))
   tagging = tagger.tag("Alice  runs fast")
   assert tagging.pairs() == [("Alice", "NOUN"), ("runs", "VERB"), ("fast", "ADV")]
   assert tagging.tokens[1].start == 7 and tagging.noun_phrases == ((0, 5),)
-  unparsed = negclip.SpacyTagger("fake", nlp=_FakeSpacy(parsed=False))
+  unparsed = negatives.SpacyTagger("fake", nlp=_FakeSpacy(parsed=False))
   assert unparsed.tag("dogs is").noun_phrases == ()
   copy = pickle.loads(pickle.dumps(unparsed))  # A given pipeline travels with the tagger.
   assert copy.tag("dogs is").pairs() == [("dogs", "NOUN"), ("is", "OTHER")]
@@ -230,19 +231,19 @@ def _spacy_installed() -> bool:
 
 
 def test_create_tagger_kinds():
-  assert isinstance(negclip.create_tagger("lexicon"), negclip.LexiconTagger)
+  assert isinstance(negatives.create_tagger("lexicon"), negatives.LexiconTagger)
   with pytest.raises(ValueError, match="unknown tagger"):
-    negclip.create_tagger("nltk")
+    negatives.create_tagger("nltk")
   if _spacy_installed():
-    with pytest.raises(negclip.TaggerUnavailableError, match="spacy download no_such_model"):
-      negclip.create_tagger("spacy:no_such_model")
+    with pytest.raises(negatives.TaggerUnavailableError, match="spacy download no_such_model"):
+      negatives.create_tagger("spacy:no_such_model")
     return
-  assert isinstance(negclip.create_tagger("auto"), negclip.LexiconTagger)
+  assert isinstance(negatives.create_tagger("auto"), negatives.LexiconTagger)
   install = "pip install spacy && python -m spacy download en_core_web_sm"
-  with pytest.raises(negclip.TaggerUnavailableError, match=re.escape(install)):
-    negclip.create_tagger("spacy")
+  with pytest.raises(negatives.TaggerUnavailableError, match=re.escape(install)):
+    negatives.create_tagger("spacy")
   with pytest.raises(ImportError, match="download en_core_web_trf"):
-    negclip.create_tagger("spacy:en_core_web_trf")
+    negatives.create_tagger("spacy:en_core_web_trf")
 
 
 # ---------------------------------------------------------------- the loss
@@ -274,20 +275,20 @@ def test_negclip_loss_matches_numpy(batch, dim):
   text[: 2 * batch] = _unit(rng, (2 * batch, dim)) + 0.8 * image  # Some signal to find.
   text /= np.linalg.norm(text, axis=1, keepdims=True)
   scale = np.float32(7.5)
-  loss, metrics = jax.jit(negclip.negclip_loss)(image, text, scale)  # Static shapes: jits.
+  loss, metrics = jax.jit(losses.negclip_loss)(image, text, scale)  # Static shapes: jits.
   assert np.isclose(float(loss), reference_negclip_loss(image, text, scale), rtol=1e-5)
   logits = scale * image.astype(np.float64) @ text.T.astype(np.float64)
   rows = np.arange(2 * batch)
   assert np.isclose(float(metrics["train_i2t_accuracy"]), (logits.argmax(1) == rows).mean())
   swap = (logits[rows, rows] > logits[rows, rows + 2 * batch]).mean()
   assert np.isclose(float(metrics["train_swap_accuracy"]), swap)
-  grad_fn = jax.jit(jax.grad(lambda i, t, s: negclip.negclip_loss(i, t, s)[0], argnums=(0, 1, 2)))
+  grad_fn = jax.jit(jax.grad(lambda i, t, s: losses.negclip_loss(i, t, s)[0], argnums=(0, 1, 2)))
   grads = grad_fn(image, text, scale)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def test_negclip_loss_limits():
-  loss_fn = jax.jit(negclip.negclip_loss)
+  loss_fn = jax.jit(losses.negclip_loss)
   rng = np.random.default_rng(0)
   image, text = _unit(rng, (4, 8)), _unit(rng, (8, 8))
   # No signal: uniform over 4B texts one way, 2B images the other.
@@ -299,7 +300,7 @@ def test_negclip_loss_limits():
   assert np.log(2) / 2 - 1e-4 < float(loss) < np.log(2) / 2 + 1e-3
   assert float(metrics["train_swap_accuracy"]) == 0.0
   with pytest.raises(ValueError, match="twice as many texts"):
-    negclip.negclip_loss(image, image, jnp.float32(1.0))
+    losses.negclip_loss(image, image, jnp.float32(1.0))
 
 
 def test_negclip_inputs_order_images_and_texts():
@@ -308,7 +309,7 @@ def test_negclip_inputs_order_images_and_texts():
     "hard_image": np.ones((2, 4, 4, 3), np.uint8),
     **{k: np.full((2, 5), i, np.int32) for i, k in enumerate(negclip.TOKEN_FIELDS)},
   }
-  inputs = trainer.NEGCLIP_FIELDS.model_inputs(batch)
+  inputs = _stacked(batch)
   images, tokens = inputs["image"], inputs["tokens"]
   assert images.shape == (4, 4, 4, 3) and images[:2].max() == 0 and images[2:].min() == 1
   assert tokens.shape == (8, 5) and tokens[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -418,7 +419,7 @@ def test_mining_through_the_evaluation_embedder(data, tokenizer):
   from tests.configs import tiny
   from vlp_jax import sharding
   from vlp_jax.evaluation import Embedder
-  from vlp_jax.models import CLIP, create_model
+  from vlp_jax.models import CLIP, create_model, embedding_fns
 
   config = tiny.get_config()
   model = create_model(config.model, tokenizer.vocab_size)
@@ -431,7 +432,9 @@ def test_mining_through_the_evaluation_embedder(data, tokenizer):
   rng = np.random.default_rng(0)  # Random weights without compiling the initialiser.
   params = jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(x.dtype), shapes)
   mesh = sharding.create_mesh({"data": -1})
-  embedder = Embedder(model, mesh, tokenizer, batch_size=64, image_size=32, read_threads=2)
+  embedder = Embedder(
+    embedding_fns(model), mesh, tokenizer, batch_size=64, image_size=32, read_threads=2
+  )
   mined = negclip.mine_hard_images(functools.partial(embedder.images, params), data.train_shards)
   pixels = _record_images(data.train_shards)
   encode = jax.jit(functools.partial(model.apply, method=CLIP.encode_image))
@@ -446,7 +449,7 @@ def test_mining_through_the_evaluation_embedder(data, tokenizer):
 
 def _spec(num_records: int = 256) -> negclip.NegClipSpec:
   neighbours = (np.arange(num_records) * 37 + 5) % num_records
-  return negclip.NegClipSpec(neighbours, negclip.create_tagger("lexicon"))
+  return negclip.NegClipSpec(neighbours, negatives.create_tagger("lexicon"))
 
 
 def _non_pad(tokens: np.ndarray) -> list[int]:
@@ -456,7 +459,7 @@ def _non_pad(tokens: np.ndarray) -> list[int]:
 def test_negclip_batches_carry_hard_images_and_negatives(data, tokenizer):
   spec = _spec()
   plain = take(train_dataset(data.train_shards, tokenizer, seed=3), 2)
-  batches = take(train_dataset(data.train_shards, tokenizer, seed=3, negclip=spec), 2)
+  batches = take(train_dataset(data.train_shards, tokenizer, seed=3, extension=spec), 2)
   for base, batch in zip(plain, batches):
     for key, value in base.items():  # The plain fields are the pipeline's without NegCLIP.
       np.testing.assert_array_equal(batch[key], value)
@@ -470,7 +473,7 @@ def test_negclip_batches_carry_hard_images_and_negatives(data, tokenizer):
         # A swap: other token rows, the same tokens.
         assert not np.array_equal(batch[caption][row], batch[negative][row])
         assert _non_pad(batch[caption][row]) == _non_pad(batch[negative][row])
-  inputs = trainer.NEGCLIP_FIELDS.model_inputs(batches[0])
+  inputs = _stacked(batches[0])
   assert inputs["image"].shape == (16, 32, 32, 3) and inputs["tokens"].shape == (32, 24)
 
 
@@ -479,7 +482,7 @@ def test_hard_image_and_caption_are_the_neighbour_record(data, tokenizer):
 
   spec = _spec()
   batch = take(
-    train_dataset(data.train_shards, tokenizer, crop_scale=(1.0, 1.0), flip=False, negclip=spec),
+    train_dataset(data.train_shards, tokenizer, crop_scale=(1.0, 1.0), flip=False, extension=spec),
     1,
   )[0]
   source = grain.sources.ArrayRecordDataSource(list(data.train_shards))
@@ -493,12 +496,12 @@ def test_hard_image_and_caption_are_the_neighbour_record(data, tokenizer):
 
 def test_negclip_pipeline_resumes_exactly(data, tokenizer):
   spec = _spec()
-  iterator = iter(train_dataset(data.train_shards, tokenizer, negclip=spec))
+  iterator = iter(train_dataset(data.train_shards, tokenizer, extension=spec))
   for _ in range(2):
     next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(2)]
-  fresh = iter(train_dataset(data.train_shards, tokenizer, negclip=spec))
+  fresh = iter(train_dataset(data.train_shards, tokenizer, extension=spec))
   fresh.set_state(state)
   for x, y in zip(expected, [next(fresh) for _ in range(2)]):
     for key in x:
@@ -509,7 +512,8 @@ def test_negclip_transform_survives_pickling_for_worker_processes(data):
   import grain
 
   transform = _spec().train_transform(
-    pipeline.TrainTransform(32, (0.5, 1.0), True), data.train_shards
+    pipeline.TrainTransform(32, (0.5, 1.0), True),
+    [records.ShardSet("train", tuple(data.train_shards))],
   )
   source = grain.sources.ArrayRecordDataSource(list(data.train_shards))
   element = (0, 17, source[17])
@@ -527,6 +531,10 @@ def test_negclip_pipeline_refuses_mixtures_and_wrong_neighbours(data, tokenizer)
     records.ShardSet("b", tuple(data.train_shards[1:]), 1.0),
   ]
   with pytest.raises(ValueError, match="single training shard set"):
-    train_dataset(sets, tokenizer, negclip=_spec())
+    train_dataset(sets, tokenizer, extension=_spec())
   with pytest.raises(ValueError, match=r"\(256,\)"):
-    train_dataset(data.train_shards, tokenizer, negclip=_spec(100))
+    train_dataset(data.train_shards, tokenizer, extension=_spec(100))
+
+
+def _stacked(batch):
+  return contrastive.stack_fields(batch, negclip.IMAGE_FIELDS, negclip.TOKEN_FIELDS)

@@ -10,20 +10,20 @@ from vlp_jax.weights.state_dict import flatten, unflatten
 
 def _random_batch(exp, seed=0):
   rng = np.random.default_rng(seed)
-  size = exp.model.visual.image_size
+  size = exp.method.model.visual.image_size
   batch = exp.config.batch_size
   return {
     "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-    "tokens": rng.integers(1, 50, (batch, exp.model.text.context_length), dtype=np.int32),
+    "tokens": rng.integers(1, 50, (batch, exp.method.model.text.context_length), dtype=np.int32),
   }
 
 
 def _train(config, workdir, steps):
   exp = trainer.create_experiment(config, workdir)
-  state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
+  state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
   before = flatten(jax.device_get(state.params))
   opt_state = state.opt_state
-  step_fn = exp.compile_step(state_sharding)
+  step_fn = trainer.compile_step(exp, state_sharding)
   for i in range(steps):
     state, metrics = step_fn(state, sharding.host_to_global(_random_batch(exp, i), exp.mesh))
   assert int(metrics["nonfinite_total"]) == 0
@@ -36,7 +36,7 @@ def test_frozen_parameters_are_bit_identical_after_ten_steps(tiny_config, tmp_pa
   tiny_config.peft.lora_rank = 4
   tiny_config.optim.lr = 1e-2
   exp, before, after, opt_state = _train(tiny_config, str(tmp_path), steps=10)
-  labels = flatten(exp.param_labels(jax.tree.map(np.asarray, unflatten(before))))
+  labels = flatten(exp.method.labels(jax.tree.map(np.asarray, unflatten(before))))
   trained = {p for p, label in labels.items() if label == peft.TRAIN}
   assert trained and len(trained) < len(labels)
   for path in labels:
@@ -62,19 +62,25 @@ def test_lora_with_zero_b_equals_the_base_model(tiny_config, tmp_path):
   tiny_config.peft.lora_targets = "in_proj,c_fc"
   lora_exp = trainer.create_experiment(tiny_config, str(tmp_path / "lora"))
   batch = _random_batch(lora_exp)
-  params = lora_exp.model.init(jax.random.PRNGKey(1), batch["image"][:2], batch["tokens"][:2])
+  params = lora_exp.method.model.init(
+    jax.random.PRNGKey(1), batch["image"][:2], batch["tokens"][:2]
+  )
   flat = flatten(params["params"])
   lora_paths = [p for p in flat if p.endswith(("lora_a", "lora_b"))]
   assert lora_paths and all(("in_proj" in p or "c_fc" in p) for p in lora_paths)
   base_params = unflatten({p: v for p, v in flat.items() if p not in lora_paths})
-  ours = lora_exp.model.apply(params, batch["image"][:4], batch["tokens"][:4])
-  base = base_exp.model.apply({"params": base_params}, batch["image"][:4], batch["tokens"][:4])
+  ours = lora_exp.method.model.apply(params, batch["image"][:4], batch["tokens"][:4])
+  base = base_exp.method.model.apply(
+    {"params": base_params}, batch["image"][:4], batch["tokens"][:4]
+  )
   for key in ("image", "text"):
     np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(base[key]))
   # A non-zero B moves the outputs: the factors are in the forward pass.
   b_path = next(p for p in lora_paths if p.endswith("lora_b"))
   flat[b_path] = jnp.ones_like(flat[b_path])
-  moved = lora_exp.model.apply({"params": unflatten(flat)}, batch["image"][:4], batch["tokens"][:4])
+  moved = lora_exp.method.model.apply(
+    {"params": unflatten(flat)}, batch["image"][:4], batch["tokens"][:4]
+  )
   tower = "image" if b_path.startswith("visual/") else "text"
   assert not np.allclose(np.asarray(moved[tower]), np.asarray(ours[tower]), atol=1e-4)
 
@@ -86,8 +92,8 @@ def _tiny_params(tiny_config, tmp_path, preset, **peft_fields):
   tiny_config.model.image.depth = 2
   tiny_config.model.text.depth = 2
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
-  abstract, _ = trainer.abstract_train_state(exp.model, exp.tx, exp.mesh, 0)
-  labels = exp.param_labels(abstract.params) if exp.param_labels else None
+  abstract, _ = trainer.abstract_train_state(exp.method, exp.tx, exp.mesh, 0)
+  labels = exp.method.labels(abstract.params) if exp.method.labels else None
   return abstract.params, labels
 
 

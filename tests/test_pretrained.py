@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import lilt_b16_bert, lit_b16_bert, lit_demo, negclip_finetune
-from vlp_jax import negclip, peft, sharding, trainer
+from vlp_jax import experiment, peft, sharding, trainer
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.methods import negclip as methods_negclip
 from vlp_jax.weights import hf_bert
 from vlp_jax.weights.state_dict import flatten
 
@@ -36,9 +37,10 @@ def test_missing_pretrained_checkpoints_fail_naming_key_and_path(module, key, tm
 def test_lilt_trains_about_seven_percent_of_vit_b16_plus_bert_base():
   config = lilt_b16_bert.get_config()
   mesh = sharding.create_mesh({"data": -1})
-  parts = trainer.create_step_parts(config, mesh, vocab_size=30_522, pad_id=0, total_steps=10)
-  abstract, _ = trainer.abstract_train_state(parts.model, parts.tx, mesh, 0)
-  trainable, total = peft.count(abstract.params, parts.param_labels)
+  tokenizer = experiment.TokenizerSpec(30_522, 0, config.model.text.context_length)
+  parts = experiment.create_step_parts(config, mesh, tokenizer, total_steps=10)
+  abstract, _ = trainer.abstract_train_state(parts.method, parts.tx, mesh, 0)
+  trainable, total = peft.count(abstract.params, parts.method.labels)
   width, depth, embed = 768, 12, 256
   adapter = width * (width // 4) + width // 4 + (width // 4) * width + width  # down + up
   per_block = 2 * adapter + 2 * 2 * width  # two adapters, two layer norms
@@ -72,9 +74,8 @@ def test_lit_demo_starts_from_minilm_and_keeps_the_frozen_tower(cache_dir, tmp_p
   config = _tiny_lit_demo(cache_dir, "frozen")
   exp = trainer.create_experiment(config, str(tmp_path))
   assert exp.tokenizer.vocab_size == 30_522
-  state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  abstract = trainer.checkpointing.abstract_with_shardings(state, state_sharding)
-  state = trainer._initialise_params(exp, state, abstract, state_sharding)
+  state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
+  state = trainer._initialise_params(exp, state, state_sharding)
   model_dir = lit_demo.minilm_dir()
   expected = flatten(hf_bert.import_hf_bert(model_dir, jax.device_get(state.params["text"])))
   before = flatten(jax.device_get(state.params))
@@ -82,7 +83,7 @@ def test_lit_demo_starts_from_minilm_and_keeps_the_frozen_tower(cache_dir, tmp_p
   np.testing.assert_array_equal(
     before[word_embeddings], expected["embeddings/word_embeddings/embedding"]
   )
-  step_fn = exp.compile_step(state_sharding)
+  step_fn = trainer.compile_step(exp, state_sharding)
   for batch in trainer_batches(exp, 2):
     state, _ = step_fn(state, batch)
   after = flatten(jax.device_get(state.params))
@@ -99,13 +100,13 @@ def trainer_batches(exp, num):
 
 
 def test_negclip_run_mines_hard_images_and_trains(tiny_config, tmp_path):
-  tiny_config.loss.kind = "negclip"
+  tiny_config.method = "negclip"
   tiny_config.negclip.tagger = "lexicon"
   tiny_config.total_steps = 3
   workdir = Path(tmp_path, "run")
   metrics = trainer.train_and_evaluate(tiny_config, str(workdir))
   assert 0.0 <= metrics["image_retrieval_recall@1"] <= 1.0
-  neighbours = negclip.load_neighbours(str(workdir), 256)
+  neighbours = methods_negclip.load_neighbours(str(workdir), 256)
   assert neighbours.shape == (256,) and (neighbours != np.arange(256)).all()
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in logged] == [1, 2, 3]
@@ -113,7 +114,7 @@ def test_negclip_run_mines_hard_images_and_trains(tiny_config, tmp_path):
 
 
 def test_negclip_refuses_an_unknown_tagger_before_any_compute(tiny_config, tmp_path):
-  tiny_config.loss.kind = "negclip"
+  tiny_config.method = "negclip"
   tiny_config.negclip.tagger = "nltk"
   with pytest.raises(ConfigError, match=r"config\.negclip\.tagger"):
     trainer.create_experiment(tiny_config, str(tmp_path))

@@ -6,15 +6,13 @@ import os
 import random
 import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from tests.conftest import ROOT
-from tests.runs import logged_losses, run_train_py, train_command
+from tests.runs import logged_losses, run_train_py, train_command, wait_for_logged_step
 from vlp_jax import checkpointing
 
 
@@ -23,12 +21,7 @@ def _start_and_signal(command, workdir, at_step: int, signum: int) -> subprocess
   process = subprocess.Popen(
     command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
-  deadline = time.time() + 300
-  while len(logged_losses(workdir)) < at_step:
-    if process.poll() is not None or time.time() > deadline:
-      process.kill()
-      pytest.fail(f"train.py ended before step {at_step}: {process.stderr.read()[-3000:]}")
-    time.sleep(0.02)
+  wait_for_logged_step(process, workdir, at_step, lambda: process.stderr.read())
   process.send_signal(signum)
   return process
 
@@ -54,6 +47,10 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_identical_run(tmp_path, c
   else:
     assert "Resuming" not in result.stderr
   assert logged_losses(resumed) == logged_losses(straight), f"killed at step {died_at}"
+  steps = [
+    json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert steps == list(range(1, 21))  # The lines of the re-run steps went at the resume.
   checkpointer = ocp.StandardCheckpointer()
   final = [checkpointer.restore(d / "checkpoints" / "20" / "state") for d in (straight, resumed)]
   jax.tree.map(np.testing.assert_array_equal, final[0]["params"], final[1]["params"])

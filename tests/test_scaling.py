@@ -12,12 +12,17 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.runs import first_batches, logged_losses, run_train_py, train_command
-from vlp_jax import checkpointing, losses, progress, sharding, trainer
+from vlp_jax import checkpointing, experiment, progress, sharding, trainer
+from vlp_jax.config_lib import ConfigError
 
 
 def _run_steps(exp, batches, grad_accum_steps=1):
-  state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  step_fn = exp.compile_step(state_sharding, grad_accum_steps)
+  if grad_accum_steps != exp.method.grad_accum_steps:
+    exp = dataclasses.replace(
+      exp, method=dataclasses.replace(exp.method, grad_accum_steps=grad_accum_steps)
+    )
+  state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
+  step_fn = trainer.compile_step(exp, state_sharding)
   step_losses = []
   for batch in batches:
     state, metrics = step_fn(state, sharding.host_to_global(batch, exp.mesh))
@@ -27,7 +32,12 @@ def _run_steps(exp, batches, grad_accum_steps=1):
 
 def _on_mesh(exp, axes, devices=None):
   mesh = sharding.create_mesh(axes, devices)
-  return dataclasses.replace(exp, mesh=mesh, loss_fn=losses.create_loss(exp.config.loss, mesh))
+  parts = experiment.create_step_parts(
+    exp.config, mesh, exp.tokenizer, exp.total_steps, exp.train_sets
+  )
+  return dataclasses.replace(
+    exp, **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)}
+  )
 
 
 def _assert_close(result, reference, rtol=1e-5, param_rtol=1e-4):
@@ -71,7 +81,7 @@ def test_meshes_match_one_device(tiny_config, tmp_path, small_fsdp_threshold, ki
 def test_fsdp_splits_parameters_and_optimizer_state_evenly(tiny_config, tmp_path):
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
   mesh = sharding.create_mesh({"fsdp": 8})
-  abstract, shardings = trainer.abstract_train_state(exp.model, exp.tx, mesh, 0)
+  abstract, shardings = trainer.abstract_train_state(exp.method, exp.tx, mesh, 0)
   for leaf, leaf_sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
     local = leaf_sharding.shard_shape(leaf.shape)
     if leaf.size >= sharding.FSDP_MIN_SIZE and any(d % 8 == 0 for d in leaf.shape):
@@ -122,7 +132,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tiny_config, tmp_path, small_
   manager.wait_until_finished()
   for axes, devices in (({"data": 2, "tensor": 1}, jax.devices()[:2]), ({"data": 1}, None)):
     mesh = sharding.create_mesh(axes, devices or jax.devices()[:1])
-    abstract, shardings = trainer.abstract_train_state(exp.model, exp.tx, mesh, 0)
+    abstract, shardings = trainer.abstract_train_state(exp.method, exp.tx, mesh, 0)
     restored = checkpointing.restore_state(
       manager, 1, checkpointing.abstract_with_shardings(abstract, shardings)
     )
@@ -142,7 +152,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tiny_config, tmp_path, small_
 )
 def test_bad_scaling_configs_fail_before_any_compute(tiny_config, tmp_path, edit, message):
   edit(tiny_config)
-  with pytest.raises(trainer.ConfigError, match=message):
+  with pytest.raises(ConfigError, match=message):
     trainer.create_experiment(tiny_config, str(tmp_path))
 
 
@@ -193,7 +203,7 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
   exp = trainer.create_experiment(tiny_config, str(tmp_path / "restore"))
   mesh = sharding.create_mesh({"data": 1}, jax.devices()[:1])
   abstract = checkpointing.abstract_with_shardings(
-    *trainer.abstract_train_state(exp.model, exp.tx, mesh, 0)
+    *trainer.abstract_train_state(exp.method, exp.tx, mesh, 0)
   )
   restored = []
   for run in ("two", "one"):
@@ -204,13 +214,13 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
 
 def test_mfu_uses_the_compiled_step_flops(tiny_config, tmp_path):
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
-  state, state_sharding = trainer.create_train_state(exp.model, exp.tx, exp.mesh, 0)
-  step_fn = exp.compile_step(state_sharding)
-  compiled = step_fn.lower(state, trainer._abstract_batch(exp)).compile()
+  state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
+  step_fn = trainer.compile_step(exp, state_sharding)
+  compiled = step_fn.lower(state, exp.abstract_batch()).compile()
   flops = progress.compiled_flops(compiled, exp.mesh.size)
   # Forward + backward is about 6 FLOPs per parameter per token, plus attention and AdamW.
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  tokens = tiny_config.batch_size * (exp.model.visual.num_patches + 1 + 24)
+  tokens = tiny_config.batch_size * (exp.method.model.visual.num_patches + 1 + 24)
   assert 3 * params * tokens < flops < 30 * params * tokens
   assert progress.model_flops_utilization(8e12, 1.0, 1e12, 8) == pytest.approx(1.0)
   assert progress.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12

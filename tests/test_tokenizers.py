@@ -1,9 +1,12 @@
 """Tokenisers against their reference implementations: Hugging Face's BertTokenizerFast,
 the sentencepiece package and open_clip, on generated awkward captions."""
 
+import fnmatch
 import importlib.resources
+import os
 import pickle
 import re
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -17,6 +20,7 @@ from transformers.models.bert.tokenization_bert import load_vocab
 
 from tests.captions import generate_captions
 from tests.configs import tiny
+from tests.conftest import ROOT
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.models.clip import create_model
 from vlp_jax.models.text import TextTransformer, last_token_index
@@ -120,10 +124,26 @@ def test_clip_bpe_matches_open_clip(captions, lower_case, context_length):
   else:
     reference = open_clip.SimpleTokenizer(CLIP_MERGES, clean="whitespace")
     expected = reference(texts, context_length)
-  tokenizer = tokenizers.create_tokenizer("clip_bpe", CLIP_MERGES, context_length, lower_case)
+  # The packaged merges (the default vocab file of clip_bpe), against open_clip's own.
+  merges = tokenizers.default_vocab_file("clip_bpe")
+  tokenizer = tokenizers.create_tokenizer("clip_bpe", merges, context_length, lower_case)
   ids = tokenizer(texts)
   assert ids.dtype == np.int32
   np.testing.assert_array_equal(ids, expected.numpy())
+
+
+def test_clip_bpe_merges_ship_with_the_package():
+  packaged = tokenizers.default_vocab_file("clip_bpe")
+  with open(packaged, "rb") as ours, open(CLIP_MERGES, "rb") as theirs:
+    assert ours.read() == theirs.read()
+  assert tokenizers.default_vocab_file("wordpiece") is None
+  assert tokenizers.default_vocab_file("sentencepiece") is None
+  with pytest.raises(ValueError, match="'bpe' is not one of"):
+    tokenizers.default_vocab_file("bpe")
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+  relative = os.path.relpath(packaged, os.path.dirname(tokenizers.__file__))
+  assert any(fnmatch.fnmatch(relative, p) for p in package_data["vlp_jax.input_pipeline"])
 
 
 def test_clip_bpe_vocabulary_layout_follows_open_clip():

@@ -259,6 +259,25 @@ def test_training_args_namespace_is_allowed(tmp_path):
   assert set(read_state_dict(path)) == {"w"}
 
 
+def test_unreadable_checkpoint_files_raise_one_line_errors_naming_them(tmp_path):
+  from safetensors.torch import save_file
+
+  rng = np.random.default_rng(0)
+  tensors = {"w": torch.ones(64, 64), "b": torch.ones(64, dtype=torch.bfloat16)}
+  save_file(tensors, str(tmp_path / "valid.safetensors"))
+  torch.save(tensors, str(tmp_path / "valid.pt"))
+  cases = {"random.safetensors": rng.bytes(4096), "random.pt": rng.bytes(4096), "empty.bin": b""}
+  for name in ("valid.safetensors", "valid.pt"):
+    data = (tmp_path / name).read_bytes()
+    cases[f"truncated_{name}"] = data[: len(data) // 2]
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(WeightsError) as e:
+      read_state_dict(str(tmp_path / name))
+    assert repr(str(tmp_path / name)) in str(e.value) and "\n" not in str(e.value), name
+  assert set(read_state_dict(str(tmp_path / "valid.safetensors"))) == {"w", "b"}
+
+
 def test_mismatched_checkpoints_name_the_keys(small):
   _, state_dict, fields = small
   model = convert.model_from_fields(fields)
@@ -546,6 +565,8 @@ def test_mae_checkpoint_into_clip(tmp_path):
 def test_export_of_a_wordpiece_run_pools_its_end_token(small, tmp_path):
   import orbax.checkpoint as ocp
 
+  from vlp_jax.input_pipeline import tokenizers
+
   _, state_dict, fields = small
   model = convert.model_from_fields(fields)
   params = open_clip.import_open_clip(state_dict, model)
@@ -554,14 +575,22 @@ def test_export_of_a_wordpiece_run_pools_its_end_token(small, tmp_path):
     state = _RunState(step=jnp.array(3), params=params, opt_state={})
     manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
-  (workdir / "config.json").write_text(json.dumps({"model": fields, "peft": {}}))
-  # WordPiece ids: [CLS]=1 ... [SEP]=2, pad 0; the end token is not the largest id.
-  tokenizer = {"kind": "wordpiece", "vocab_size": 100, "pad_id": 0, "eos_id": 2}
+  # A 100-token WordPiece vocab: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then words.
+  vocab = [*tokenizers.RESERVED_TOKENS, *(f"w{i}" for i in range(95))]
+  tokenizers.save_vocab(str(tmp_path / "vocab.txt"), vocab)
+  data = {"tokenizer": "wordpiece", "vocab_file": str(tmp_path / "vocab.txt")}
+  (workdir / "config.json").write_text(json.dumps({"model": fields, "peft": {}, "data": data}))
+  # The end token ([SEP]) is not the largest id.
+  tokenizer = {"kind": "wordpiece", "vocab_size": 100, "pad_id": 0, "eos_id": 3}
   (workdir / convert.TOKENIZER_FILE).write_text(json.dumps(tokenizer))
-  tokens = np.array([[1, 57, 80, 2, 0, 0, 0, 0, 0, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  texts = ["w57 w80", "W9 w94 w3 w1 w2 w5 w6 w7 w8 w9 w10 w11 w12 w13", "w4 nonsense"]
+  tokens = tokenizers.create_tokenizer("wordpiece", data["vocab_file"], 12)(texts)
   out_dir = str(tmp_path / "exported")
   convert.main(["--to=open_clip", f"--src={workdir}", f"--dst={out_dir}"])
   loaded = open_clip_lib.create_model(f"local-dir:{out_dir}").eval()
+  # open_clip tokenises as we do, with the run's vocab (a Hugging Face BertTokenizer).
+  their_tokens = open_clip_lib.get_tokenizer(f"local-dir:{out_dir}")(texts)
+  np.testing.assert_array_equal(their_tokens.numpy(), tokens)
   pix = pixels(32)
   ours = our_embeddings(model, params, pix, tokens)
   theirs = open_clip_embeddings(loaded, torch_images(pix), tokens)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import os
+import re
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
+
+from vlp_jax.config_lib import UserError
 
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address",
@@ -16,6 +23,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Full tracebacks: of user errors (bad config, locked workdir, full disk), which otherwise "
+  "print one `error:` line, and of the libraries' logged errors.",
+)
 
 # Environment variables that mark a multi-process launch jax.distributed detects by itself.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -29,10 +42,21 @@ _CHATTY_LIBRARIES = (
 
 
 class _DropLibraryInfo(py_logging.Filter):
+  """Drops the libraries' INFO records; keeps their warnings and errors, without the
+  tracebacks unless --verbose (orbax logs one per thread a failed save passed through)."""
+
+  def __init__(self, keep_tracebacks: bool):
+    super().__init__()
+    self.keep_tracebacks = keep_tracebacks
+
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno >= py_logging.WARNING:
+    if not any(part in record.pathname for part in _CHATTY_LIBRARIES):
       return True
-    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+    if record.levelno < py_logging.WARNING:
+      return False
+    if not self.keep_tracebacks:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def log_to_absl_at_info() -> None:
@@ -44,7 +68,65 @@ def log_to_absl_at_info() -> None:
 
 def quiet_library_logs() -> None:
   """Keeps our INFO lines and the libraries' warnings; drops the libraries' INFO chatter."""
-  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  logging.get_absl_handler().addFilter(_DropLibraryInfo(keep_tracebacks=_VERBOSE.value))
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` for the entry points: a UserError (a bad config value, a locked
+  workdir, a full disk, ...) and a bad flag, e.g. an unknown config key, print
+  `error: <message>` on stderr and exit with status 2; --verbose raises user errors with
+  their traceback instead."""
+  app.run(_reporting_user_errors(main), flags_parser=_parse_flags)
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _reporting_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except UserError as e:
+      if _VERBOSE.value:
+        raise
+      _fail(str(e))
+
+  return wrapped
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (--helpshort lists the flags)")
+  except UserError as e:  # E.g. a config file's own argument ("path:key=value").
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:
+    if (message := _unknown_config_key(e, argv)) is None:
+      raise
+    _fail(message)
+
+
+def _unknown_config_key(error: Exception, argv: list[str]) -> str | None:
+  """ml_collections' error for a `--config.a.b=v` naming no field, as one line naming
+  the flag; None for any other error."""
+  text = error
+  while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(str))
+    text = text.args[0]
+  first, _, hint = str(text).partition("\n")
+  if not (match := re.fullmatch(r"""['"]?([\w-]+)['"]?""", first.strip())):
+    return None
+  key = match.group(1)
+  pattern = rf"--?\w+(\.\w+)*\.{re.escape(key)}(=|$)"
+  flag = next((a for a in argv[1:] if re.match(pattern, a)), None)
+  if flag is None:
+    return None
+  hint = hint.strip()
+  suggestion = f" ({hint[:1].lower()}{hint[1:]})" if hint else ""
+  return f"{flag}: the config has no field {key!r}{suggestion}"
 
 
 def _launched_on_a_cluster() -> bool:

@@ -7,6 +7,8 @@ dict of defaults so a misspelled key fails with its name.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -26,7 +28,12 @@ EVAL_TASKS = (
 )
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """A mistake the user fixes (a config, a path, a full disk): the command line prints its
+  message as one line, without a traceback (vlp_jax.cli.run)."""
+
+
+class ConfigError(UserError, ValueError):
   """A config is inconsistent or names something that does not exist."""
 
 
@@ -66,3 +73,83 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config so that setting an unknown field raises with the field's name."""
   config.lock()
   return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A valid range of a config value: `holds(value)`, described as e.g. ">= 1"."""
+
+  description: str
+  holds: Callable[[Any], bool]
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def at_least(low: float) -> Rule:
+  return Rule(f">= {low}", lambda v: _is_number(v) and v >= low)
+
+
+def positive() -> Rule:
+  return Rule("> 0", lambda v: _is_number(v) and v > 0)
+
+
+def in_range(low: float, high: float, *, include_high: bool = True) -> Rule:
+  """low <= value <= high (or < high)."""
+  bracket = "]" if include_high else ")"
+  return Rule(
+    f"in [{low}, {high}{bracket}",
+    lambda v: _is_number(v) and low <= v and (v <= high if include_high else v < high),
+  )
+
+
+def one_of_or(values: tuple[Any, ...], rule: Rule) -> Rule:
+  """One of `values` (special meanings such as -1), or else `rule`."""
+  listed = ", ".join(map(repr, values))
+  return Rule(f"{listed} or {rule.description}", lambda v: v in values or rule.holds(v))
+
+
+def each(rule: Rule, length: int | None = None) -> Rule:
+  """A non-empty sequence (of `length` elements if given), each satisfying `rule`."""
+
+  def holds(value: Any) -> bool:
+    if not isinstance(value, list | tuple) or not value:
+      return False
+    return (length is None or len(value) == length) and all(rule.holds(x) for x in value)
+
+  size = f"{length} values" if length else "a non-empty sequence"
+  return Rule(f"{size}, each {rule.description}", holds)
+
+
+def fraction_interval() -> Rule:
+  """(low, high) with 0 < low <= high <= 1, e.g. a crop's area range."""
+  return Rule(
+    "(low, high) with 0 < low <= high <= 1",
+    lambda v: (
+      isinstance(v, list | tuple)
+      and len(v) == 2
+      and all(_is_number(x) for x in v)
+      and 0 < v[0] <= v[1] <= 1
+    ),
+  )
+
+
+def check_rules(config: ml_collections.ConfigDict, rules: Mapping[str, Rule]) -> None:
+  """Raises a ConfigError naming the first key whose value breaks its rule.
+
+  Keys are dotted paths ("optim.lr"). A None value is skipped: None means "derived from
+  elsewhere" (e.g. model.image.width: the variant's). A key the config lacks is skipped
+  too (tests check that every rule names a field of the base config).
+  """
+  for key, rule in rules.items():
+    node: Any = config
+    for part in key.split("."):
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      if node is None:
+        continue
+      if not rule.holds(node):  # NaN fails every comparison: every numeric rule rejects it.
+        raise ConfigError(f"config.{key}={node!r}: must be {rule.description}")

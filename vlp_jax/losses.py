@@ -1,4 +1,4 @@
-"""Contrastive losses: InfoNCE (CLIP) and sigmoid (SigLIP), and their sharded forms.
+"""Contrastive losses: InfoNCE (CLIP), sigmoid (SigLIP), NegCLIP's, and sharded forms.
 
 All take L2-normalised (B, D) image and text embeddings of the global batch, row i of each
 a positive pair, and return (loss, metrics). Sharded forms run under `shard_map` over the
@@ -22,10 +22,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax import negclip, sharding
+from vlp_jax import sharding
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-LOSS_KINDS = ("clip", "siglip", "negclip")
+LOSS_KINDS = ("clip", "siglip")
 CLIP_FORMS = ("auto", "gathered", "local")
 SIGLIP_FORMS = ("auto", "full", "ring")
 
@@ -45,6 +45,40 @@ def clip_loss(
   loss = (image_to_text.mean() + text_to_image.mean()) / 2
   accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
   return loss, {"loss": loss, "train_i2t_accuracy": accuracy}
+
+
+def negclip_loss(
+  image: jax.Array, text: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """NegCLIP's loss on L2-normalised embeddings (a `losses.LossFn`; bias unused).
+
+  image: (2B, D) = [images; hard images]; text: (4B, D) = [captions; hard captions;
+  negatives; hard negatives], so image j's caption is text j and its swapped negative
+  text 2B + j. Image->text cross-entropy runs over all 4B texts, text->image over the
+  first 2B texts only (a negative caption has no image); the loss is their mean.
+  Metrics: "train_i2t_accuracy" (top-1 over the 4B texts) and "train_swap_accuracy"
+  (the caption scores above its own swapped negative).
+  """
+  del logit_bias
+  num_images = image.shape[0]
+  if text.shape[0] != 2 * num_images:
+    raise ValueError(
+      f"NegCLIP needs twice as many texts as images; got {text.shape[0]} texts for "
+      f"{num_images} images"
+    )
+  logits = logit_scale * image @ text.T  # (2B, 4B)
+  labels = jnp.arange(num_images)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  image_to_text = ce(logits, labels).mean()
+  text_to_image = ce(logits[:, :num_images].T, labels).mean()
+  loss = (image_to_text + text_to_image) / 2
+  positive = logits[labels, labels]
+  swapped = logits[labels, labels + num_images]
+  return loss, {
+    "loss": loss,
+    "train_i2t_accuracy": (jnp.argmax(logits, axis=1) == labels).mean(),
+    "train_swap_accuracy": (positive > swapped).mean(),
+  }
 
 
 def _sigmoid_block(
@@ -156,11 +190,9 @@ def create_loss(loss_config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
   kind, form = loss_config.kind, loss_config.form
   if kind not in LOSS_KINDS:
     raise ValueError(f"config.loss.kind={kind!r} is not one of {LOSS_KINDS}")
-  forms = {"clip": CLIP_FORMS, "siglip": SIGLIP_FORMS, "negclip": ("auto",)}[kind]
+  forms = {"clip": CLIP_FORMS, "siglip": SIGLIP_FORMS}[kind]
   if form not in forms:
     raise ValueError(f"config.loss.form={form!r} is not one of {forms} for {kind}")
-  if kind == "negclip":
-    return negclip.negclip_loss
   if kind == "clip":
     builders = {"auto": lambda _: clip_loss, "gathered": gathered_clip_loss}
     return builders.get(form, local_clip_loss)(mesh)

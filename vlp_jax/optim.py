@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -33,10 +33,12 @@ def create_optimizer(
   optim: ml_collections.ConfigDict,
   schedule: optax.Schedule,
   param_labels: Callable[[Any], Any] | None = None,
+  groups: Mapping[str, optax.GradientTransformation] | None = None,
 ) -> optax.GradientTransformation:
-  """Clipping + AdamW; with `param_labels` (peft.labeler) only "train" parameters get
-  them, frozen ones get zero updates and no optimizer state (clipping sees only the
-  trainable gradients)."""
+  """Clipping + AdamW; with `param_labels` (a method's labels) only "train" parameters
+  get them, "freeze" ones get zero updates and no optimizer state (clipping sees only
+  the trainable gradients), and every other label gets its transform from `groups`
+  (e.g. an agent's own optimizer, or a layer's decayed learning rate)."""
   adamw = optax.chain(
     optax.clip_by_global_norm(optim.grad_clip_norm),
     optax.adamw(
@@ -49,5 +51,8 @@ def create_optimizer(
     ),
   )
   if param_labels is None:
+    if groups:
+      raise ValueError(f"optimizer groups {sorted(groups)} need parameter labels")
     return adamw
-  return optax.multi_transform({peft.TRAIN: adamw, peft.FREEZE: optax.set_to_zero()}, param_labels)
+  transforms = {peft.TRAIN: adamw, peft.FREEZE: optax.set_to_zero(), **(groups or {})}
+  return optax.multi_transform(transforms, param_labels)

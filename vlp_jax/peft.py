@@ -144,14 +144,15 @@ def labeler(peft: ml_collections.ConfigDict) -> Callable[[Any], Any]:
 def freeze_gradients(params: Any, labels: Any) -> Any:
   """Frozen leaves behind stop_gradient: their gradients are zero and never computed."""
   return jax.tree.map(
-    lambda p, label: p if label == TRAIN else jax.lax.stop_gradient(p), params, labels
+    lambda p, label: jax.lax.stop_gradient(p) if label == FREEZE else p, params, labels
   )
 
 
 def count(params: Any, param_labels: Callable[[Any], Any] | None) -> tuple[int, int]:
-  """(trainable, total) parameter counts; `param_labels` None: everything trains."""
+  """(trainable, total) parameter counts: every label but "freeze" trains; `param_labels`
+  None: everything trains."""
   sizes = [p.size for p in jax.tree.leaves(params)]
   if param_labels is None:
     return sum(sizes), sum(sizes)
-  trains = [label == TRAIN for label in jax.tree.leaves(param_labels(params))]
+  trains = [label != FREEZE for label in jax.tree.leaves(param_labels(params))]
   return sum(n for n, t in zip(sizes, trains, strict=True) if t), sum(sizes)

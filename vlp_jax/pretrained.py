@@ -30,8 +30,9 @@ class InitSpec:
   path: str
 
 
-def parse_specs(config: ml_collections.ConfigDict) -> list[InitSpec]:
-  """The configured pretrained inits, whole model first; ConfigError naming a bad one."""
+def parse_specs(config: ml_collections.ConfigDict, check_paths: bool = True) -> list[InitSpec]:
+  """The configured pretrained inits, whole model first; ConfigError naming a bad one
+  (and, with `check_paths`, one whose checkpoint does not exist)."""
   specs = []
   for key, kind in INIT_KEYS.items():
     value = config
@@ -46,7 +47,7 @@ def parse_specs(config: ml_collections.ConfigDict) -> list[InitSpec]:
       source, path = "auto", value
     if source == "hf_bert" and kind != "text":
       raise ConfigError(f"config.{key}={value!r}: hf_bert holds a text tower only")
-    if not os.path.exists(path):
+    if check_paths and not os.path.exists(path):
       raise ConfigError(f"config.{key}: checkpoint {path!r} does not exist")
     specs.append(InitSpec(f"config.{key}", kind, source, path))
   return specs

@@ -5,16 +5,24 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from jax.sharding import Mesh
 
-if TYPE_CHECKING:
-  from vlp_jax.trainer import Experiment
+
+class Run(Protocol):
+  """What the progress log reads of a run (an experiment.Experiment)."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  local_batch_size: int
+  total_steps: int
 
 
 def _format_duration(seconds: float) -> str:
@@ -39,6 +47,39 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as f:
       json.dump(payload, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, "metrics.jsonl")
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+  """Drops the lines of <workdir>/metrics.jsonl past `step` (the step a run resumes from:
+  the steps after it run again and log again) and a torn last line; returns how many.
+
+  Process 0 only, like the writes. The file is replaced atomically.
+  """
+  path = metrics_path(workdir)
+  if jax.process_index() > 0 or not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        keep = line.endswith("\n") and json.loads(line)["step"] <= step
+      except (ValueError, KeyError, TypeError):  # Torn by a kill mid-write.
+        keep = False
+      if keep:
+        kept.append(line)
+      else:
+        dropped += 1
+  if dropped:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    logging.info("Dropped %d lines of %s past step %d (they run again).", dropped, path, step)
+  return dropped
 
 
 # Peak dense bf16 FLOP/s per device, from the vendors' datasheets, by device_kind prefix.
@@ -89,7 +130,7 @@ class ProgressLog:
   def __init__(
     self,
     writer: metric_writers.MetricWriter,
-    exp: Experiment,
+    exp: Run,
     start_step: int,
     flops_per_step: float | None = None,
   ):
@@ -128,7 +169,7 @@ class ProgressLog:
       )
     self.writer.write_scalars(step, metrics)
     if jax.process_index() == 0:
-      with open(os.path.join(self.exp.workdir, "metrics.jsonl"), "a") as f:
+      with open(metrics_path(self.exp.workdir), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     eta = (self.exp.total_steps - step) / max(steps_per_s, 1e-9)
     logging.info(

@@ -5,8 +5,8 @@
 per task and dataset; `report` writes them as CLIP_benchmark-style JSON files and a
 Markdown summary. Modules: retrieval / classification / linear_probe / compositional
 (metrics), readers / classification_readers / compositional_readers (official file
-formats), embedding (the mesh-sharded encoder), tasks, report, runner (eval.py's loop
-over checkpoints).
+formats), embedding (the mesh-sharded encoder), tasks, report. eval.py's loop over
+checkpoints is vlp_jax/eval_runner.py.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ from jax.sharding import Mesh
 
 from vlp_jax import progress
 from vlp_jax.evaluation import readers, report
-from vlp_jax.evaluation.embedding import DataError, Embedder, ImageRef, Tokenizer
-from vlp_jax.evaluation.tasks import TASKS, Result, Task, create_tasks
-from vlp_jax.models import CLIP
+from vlp_jax.evaluation.embedding import DataError, Embedder, EmbedFn, ImageRef, Tokenizer
+from vlp_jax.evaluation.tasks import TASK_NEEDS, TASKS, Result, Task, check_servable, create_tasks
 
 __all__ = [
   "TASKS",
+  "TASK_NEEDS",
   "DataError",
   "Embedder",
   "Evaluator",
   "ImageRef",
   "Result",
   "Task",
+  "check_servable",
   "create_evaluator",
   "heldout_metrics",
   "log_and_write",
@@ -60,15 +61,17 @@ def task_names(text: str) -> list[str]:
 
 def create_evaluator(
   config: ml_collections.ConfigDict,
-  model: CLIP,
+  predict_fns: dict[str, EmbedFn],
   mesh: Mesh,
   tokenizer: Tokenizer,
   eval_shards: Sequence[str],
   *,
   tasks: Sequence[str] | None = None,
   show_progress: bool = False,
+  model_name: str = "",
 ) -> Evaluator:
-  """Reads the datasets of `tasks` (default: config.eval.tasks) and builds the embedder."""
+  """Reads the datasets of `tasks` (default: config.eval.tasks) and builds the embedder
+  over a method's prediction functions."""
   names = task_names(config.eval.tasks) if tasks is None else list(tasks)
   eval_name = config.data.eval or "builtin-heldout"
 
@@ -76,7 +79,7 @@ def create_evaluator(
     return readers.read_record_retrieval(eval_shards, config.eval.max_captions, eval_name)
 
   embedder = Embedder(
-    model,
+    predict_fns,
     mesh,
     tokenizer,
     batch_size=config.eval.batch_size,
@@ -84,7 +87,6 @@ def create_evaluator(
     read_threads=config.data.read_threads,
     show_progress=show_progress,
   )
-  model_name = f"vlp_jax-CLIP-ViT-{config.model.image.variant}-{config.model.image.image_size}px"
   return Evaluator(embedder, create_tasks(names, config.eval, heldout), model_name)
 
 

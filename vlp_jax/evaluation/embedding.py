@@ -1,4 +1,4 @@
-"""Embeds images and texts with a CLIP on the device mesh, for every evaluation task.
+"""Embeds images and texts on the device mesh with a method's prediction functions.
 
 Images come as `ImageSource`s (a file, encoded bytes or an ArrayRecord record, with an
 optional crop box), decoded by the input pipeline's functions and preprocessed as open_clip's
@@ -25,11 +25,11 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from vlp_jax import sharding
+from vlp_jax.config_lib import UserError
 from vlp_jax.input_pipeline import pipeline, records
-from vlp_jax.models import CLIP
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """An evaluation file is missing or malformed; the message names the file and line/key."""
 
 
@@ -118,12 +118,18 @@ class _NoBar:
     pass
 
 
+# (params, inputs) -> (B, D) embeddings: "embed_image" takes uint8 (B, S, S, 3) images,
+# "embed_text" int32 (B, T) tokens (a method's predict functions of those names).
+EmbedFn = Callable[[Any, jax.Array], jax.Array]
+
+
 class Embedder:
-  """Normalised CLIP embeddings of image and text lists, computed on the mesh."""
+  """Normalised embeddings of image and text lists, computed on the mesh by a method's
+  `embed_image` / `embed_text` prediction functions (either may be absent)."""
 
   def __init__(
     self,
-    model: CLIP,
+    predict_fns: dict[str, EmbedFn],
     mesh: Mesh,
     tokenizer: Tokenizer,
     *,
@@ -147,16 +153,18 @@ class Embedder:
     self.show_progress = show_progress
     out_sharding = sharding.batch_sharding(mesh)
 
-    def encode_images(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-      emb = model.apply({"params": params}, batch["image"], method=CLIP.encode_image)
-      return {"embedding": emb, "row": batch["row"]}
+    def encoder(name: str, field: str) -> Callable | None:
+      if name not in predict_fns:
+        return None
+      embed = predict_fns[name]
 
-    def encode_texts(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-      emb = model.apply({"params": params}, batch["tokens"], method=CLIP.encode_text)
-      return {"embedding": emb, "row": batch["row"]}
+      def encode(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"embedding": embed(params, batch[field]), "row": batch["row"]}
 
-    self._encode_images = jax.jit(encode_images, out_shardings=out_sharding)
-    self._encode_texts = jax.jit(encode_texts, out_shardings=out_sharding)
+      return jax.jit(encode, out_shardings=out_sharding)
+
+    self._encode_images = encoder("embed_image", "image")
+    self._encode_texts = encoder("embed_text", "tokens")
 
   def _local_slice(self, step: int) -> tuple[int, int]:
     start = step * self.batch_size + jax.process_index() * self.local_batch
@@ -169,12 +177,14 @@ class Embedder:
 
   def _run(
     self,
-    encode: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+    encode: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]] | None,
     params: Any,
     batches: Iterator[dict[str, np.ndarray]],
     count: int,
     desc: str,
   ) -> np.ndarray:
+    if encode is None:
+      raise ValueError(f"the method has no prediction function for {desc}")
     steps = math.ceil(count / self.batch_size)
     bar = progress_bar(steps, desc, self.show_progress)
     outputs = []

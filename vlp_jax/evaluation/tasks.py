@@ -29,6 +29,26 @@ from vlp_jax.evaluation.embedding import DataError, Embedder
 from vlp_jax.evaluation.retrieval import retrieval_metrics
 
 TASKS = EVAL_TASKS
+# The prediction functions (a method's `predict_fns`) each task needs.
+_EMBEDDINGS = ("embed_image", "embed_text")
+TASK_NEEDS: dict[str, tuple[str, ...]] = {task: _EMBEDDINGS for task in TASKS}
+TASK_NEEDS["linear_probe"] = ("embed_image",)
+
+
+def check_servable(names: Sequence[str], available: Sequence[str], method: str) -> None:
+  """Raises ValueError naming the task and the method when a task needs a prediction
+  function the method does not provide (checked before any data is read)."""
+  for name in names:
+    if name not in TASK_NEEDS:
+      raise ValueError(f"unknown evaluation task {name!r}; known: {', '.join(TASKS)}")
+    missing = [fn for fn in TASK_NEEDS[name] if fn not in available]
+    if missing:
+      raise ValueError(
+        f"evaluation task {name!r} needs {', '.join(missing)}, which method {method!r} "
+        f"does not provide (it has: {', '.join(sorted(available)) or 'none'})"
+      )
+
+
 # Options each task's dataset spec accepts (see readers.parse_specs).
 OPTIONS = {
   "zeroshot_retrieval": ("images", "split", "name"),

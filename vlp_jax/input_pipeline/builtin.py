@@ -266,8 +266,7 @@ def ensure_builtin(
     heldout = _split_records(seed, "heldout", num_heldout, image_size, [])
     records.write_shards(heldout, tmp, "heldout", 1)
     vocab = tokenizers.learn_wordpiece_vocab(train_captions, vocab_size)
-    with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
-      f.write("\n".join(vocab) + "\n")
+    tokenizers.save_vocab(os.path.join(tmp, "vocab.txt"), vocab)
     with open(os.path.join(tmp, "params.json"), "w") as f:
       json.dump(params, f)  # Written last: its presence marks a complete dataset.
     records.replace_dir_atomically(tmp, root)

@@ -11,7 +11,10 @@ Every sample is validated and normalised on the way: the image must decode compl
 refused from its header when it has more than pipeline.MAX_IMAGE_PIXELS pixels, and is
 stored as RGB (alpha composited on white, CMYK, palette, grey and 16-bit converted,
 re-encoded as JPEG); RGB JPEG/PNG/WebP bytes that need no resize are kept as they are.
-Captions must be non-empty UTF-8. Unusable samples are skipped and counted by reason.
+Captions and keys must be non-empty UTF-8. Image files named by path are read only when
+they are regular files that resolve within the image root, and no image (file, tar member
+or stored bytes) over `max_image_bytes` is read whole. Unusable samples are skipped and
+counted by reason.
 
 Shards of `records_per_shard` records are written under a temporary name and renamed
 when complete; `convert_state.json` in the destination records, after each shard, where
@@ -33,6 +36,7 @@ import json
 import multiprocessing
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -71,6 +75,7 @@ class ConvertOptions:
   records_per_shard: int = 10_000
   resize_shorter: int = 0  # Downscale so the shorter side has this many pixels; 0: keep.
   jpeg_quality: int = 95  # For images that must be re-encoded.
+  max_image_bytes: int = sources.MAX_IMAGE_BYTES  # Larger images are skipped, never read whole.
 
 
 @dataclasses.dataclass
@@ -176,38 +181,69 @@ def prepare_image(data: bytes, resize_shorter: int = 0, jpeg_quality: int = 95) 
   return buffer.getvalue()
 
 
-def _read_image_file(path: str) -> bytes:
+def _check_image_file(info: os.stat_result, path: str, max_bytes: int) -> None:
+  if not stat.S_ISREG(info.st_mode):
+    # A device (/dev/zero) never ends, a FIFO blocks: only regular files are images.
+    raise SampleError("image_not_a_regular_file", f"{path} (mode {stat.filemode(info.st_mode)})")
+  if info.st_size > max_bytes:
+    raise SampleError("image_file_too_large", f"{path}: {info.st_size} bytes > {max_bytes}")
+
+
+def read_image_file(path: str, root: str | None, max_bytes: int) -> bytes:
+  """The bytes of the regular file `path`; SampleError if it resolves outside the real
+  directory `root` (None: anywhere), is not a regular file, or holds over `max_bytes`."""
   try:
-    if os.path.getsize(path) > sources.MAX_FILE_BYTES:
-      raise SampleError("image_file_too_large", path)
-    with open(path, "rb") as f:
-      return f.read()
+    real = os.path.realpath(path)
+    if root is not None and os.path.commonpath([root, real]) != root:
+      raise SampleError("image_outside_root", f"{path} resolves to {real}, outside {root}")
+    _check_image_file(os.stat(real), path, max_bytes)
+    # Should the file be swapped after the check, O_NONBLOCK keeps a FIFO from blocking the
+    # open, O_NOFOLLOW a symlink from leaving the root, and fstat sees what was opened.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    with open(os.open(real, flags), "rb") as f:
+      _check_image_file(os.fstat(f.fileno()), path, max_bytes)
+      data = f.read(max_bytes + 1)  # Bounded: a file may grow, or (in /proc) lie about its size.
+  except SampleError:
+    raise  # A ValueError too: already says what is wrong.
   except FileNotFoundError as e:
     raise SampleError("missing_image", path) from e
-  except OSError as e:
-    raise SampleError("unreadable_image_file", f"{path}: {e}") from e
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path.
+    raise SampleError("unreadable_image_file", f"{path!r}: {e}") from e
+  if len(data) > max_bytes:
+    raise SampleError("image_file_too_large", f"{path}: over {max_bytes} bytes")
+  return data
 
 
-# (key, image bytes, image path, caption, reason already known)
-_Payload = tuple[str, bytes | None, str | None, Any, str | None]
+# (key, image bytes, image path, its root, caption, reason already known)
+_Payload = tuple[str, bytes | None, str | None, str | None, Any, str | None]
 # (record bytes, None, "") or (None, reason, detail)
 _Outcome = tuple[bytes | None, str | None, str]
 
 
 def _prepare(payload: _Payload, options: ConvertOptions) -> _Outcome:
-  key, image, image_path, caption, skip = payload
+  key, image, image_path, image_root, caption, skip = payload
   try:
     if skip:
       raise SampleError(skip)
+    _check_key(key)
     caption = prepare_caption(caption)
     if image is None:
       if image_path is None:
         raise SampleError("missing_image")
-      image = _read_image_file(image_path)
+      image = read_image_file(image_path, image_root, options.max_image_bytes)
+    elif isinstance(image, bytes) and len(image) > options.max_image_bytes:
+      raise SampleError("image_file_too_large", f"{len(image)} bytes")
     image = prepare_image(image, options.resize_shorter, options.jpeg_quality)
   except SampleError as e:
     return None, e.reason, str(e)
   return records.encode_record(key, image, caption), None, ""
+
+
+def _check_key(key: str) -> None:
+  try:
+    key.encode("utf-8")  # Lone surrogates: undecodable bytes in a tar member name or path.
+  except UnicodeEncodeError as e:
+    raise SampleError("key_not_utf8", repr(key)) from e
 
 
 def _prepare_chunk(payloads: list[_Payload], options: ConvertOptions) -> list[_Outcome]:
@@ -216,7 +252,7 @@ def _prepare_chunk(payloads: list[_Payload], options: ConvertOptions) -> list[_O
 
 def _payload(sample: sources.Sample) -> _Payload:
   skip = sample.skip or ("file_error" if sample.file_error else None)
-  return sample.key, sample.image, sample.image_path, sample.caption, skip
+  return sample.key, sample.image, sample.image_path, sample.image_root, sample.caption, skip
 
 
 def _prepare_all(
@@ -392,6 +428,8 @@ def convert(
   """
   if options.records_per_shard <= 0:
     raise ConvertError(f"records_per_shard must be positive, not {options.records_per_shard}")
+  if options.max_image_bytes <= 0:
+    raise ConvertError(f"max_image_bytes must be positive, not {options.max_image_bytes}")
   # Through JSON once so it compares equal to a saved copy (tuples become lists).
   config = json.loads(
     json.dumps({"source": source.describe(), "options": dataclasses.asdict(options)})
@@ -409,7 +447,7 @@ def convert(
     )
   start_time, start_consumed = time.time(), state.consumed
   output = _Output(dst, state, options.records_per_shard)
-  samples = source.read(tuple(state.position))
+  samples = source.read(tuple(state.position), max_image_bytes=options.max_image_bytes)
   bar = tqdm(
     total=source.count(), initial=state.consumed, unit=" samples", disable=_no_bar(progress)
   )
@@ -468,7 +506,17 @@ def create_parser() -> argparse.ArgumentParser:
     "json/csv: the annotation file",
   )
   parser.add_argument("--dst", required=True, help="output directory (new, empty, or resumed)")
-  parser.add_argument("--image_root", default="", help="json/csv: base of relative image paths")
+  parser.add_argument(
+    "--image_root",
+    default="",
+    help="json/csv: base of relative image paths, and the directory every image must "
+    "resolve within (symlinks followed); default: the annotation file's directory",
+  )
+  parser.add_argument(
+    "--allow_outside_root",
+    action="store_true",
+    help="json/csv: also read images that resolve outside --image_root",
+  )
   keys = ", ".join(f"{k}: {'/'.join(v)}" for k, v in sources.DEFAULT_KEYS.items())
   parser.add_argument("--image_key", default="", help=f"image field; defaults {keys}")
   parser.add_argument("--caption_key", default="", help="caption field (see --image_key)")
@@ -480,6 +528,12 @@ def create_parser() -> argparse.ArgumentParser:
   parser.add_argument("--resize_shorter", type=int, default=0, help="downscale to this side")
   parser.add_argument("--records_per_shard", type=int, default=10_000)
   parser.add_argument("--jpeg_quality", type=int, default=95)
+  parser.add_argument(
+    "--max_image_bytes",
+    type=int,
+    default=sources.MAX_IMAGE_BYTES,
+    help="larger image files (and tar caption files) are skipped unread",
+  )
   parser.add_argument("--num_workers", type=int, default=0, help="processes decoding images")
   return parser
 
@@ -494,13 +548,16 @@ def main(argv: list[str] | None = None) -> None:
       args.kind,
       args.src,
       image_root=args.image_root,
+      allow_outside_root=args.allow_outside_root,
       keys=(args.image_key, args.caption_key, args.id_key),
       separator=codecs.decode(args.separator, "unicode_escape"),  # '\t' typed as two chars.
       tfds_name=args.tfds_name,
       tfds_data_dir=os.path.expanduser(args.tfds_data_dir),
       split=args.split,
     )
-    options = ConvertOptions(args.records_per_shard, args.resize_shorter, args.jpeg_quality)
+    options = ConvertOptions(
+      args.records_per_shard, args.resize_shorter, args.jpeg_quality, args.max_image_bytes
+    )
     convert(source, args.dst, options, num_workers=args.num_workers)
   except (sources.SourceError, ConvertError) as e:
     sys.exit(f"error: {e}")

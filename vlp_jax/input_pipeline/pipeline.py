@@ -7,8 +7,8 @@ Train batches: {"image": uint8 (B, S, S, 3), "tokens": int32 (B, T), "index": in
 shard set "source" (its place in the training mixture), "skipped" counts the corrupt
 records dropped just before each row (summed into the `data/skipped` metric). Pixels
 stay uint8 until they reach the accelerator: 4x less host->device traffic; the model
-normalises them. With `negclip`, rows also carry a hard image and negative captions
-(see vlp_jax/negclip.py).
+normalises them. A method's `RowExtension` adds fields to every row (NegCLIP: a hard
+image and negative captions).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import io
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import grain
@@ -26,11 +26,9 @@ import simplejpeg
 from absl import flags, logging
 from PIL import Image
 
+from vlp_jax import processes
 from vlp_jax.input_pipeline import records
 from vlp_jax.input_pipeline.tokenizers import Tokenizer
-
-if TYPE_CHECKING:
-  from vlp_jax.negclip import NegClipSpec
 
 # One OpenCV thread per process: grain already runs one worker process per core.
 cv2.setNumThreads(1)
@@ -226,6 +224,21 @@ class TrainTransform(grain.transforms.RandomMap):
     }
 
 
+class RowExtension(Protocol):
+  """What a method adds to each training row (vlp_jax.methods: `pipeline_extension`)."""
+
+  def train_transform(
+    self, base: TrainTransform, shard_sets: Sequence[records.ShardSet]
+  ) -> grain.transforms.RandomMap:
+    """`base` extended with the method's fields; drawing from the row's generator after
+    `base` keeps the plain fields as they are without the extension."""
+    ...
+
+  def text_fields(self) -> tuple[tuple[str, str], ...]:
+    """(text field, token field) pairs tokenised per batch, ("text", "tokens") first."""
+    ...
+
+
 @dataclasses.dataclass
 class TokenizeBatch(grain.transforms.Map):
   """Replaces a batch's "text" by "tokens": one tokeniser call per batch, not per caption
@@ -387,7 +400,7 @@ def create_train_dataset(
   read_threads: int,
   process_index: int = 0,
   process_count: int = 1,
-  negclip: NegClipSpec | None = None,
+  extension: RowExtension | None = None,
 ) -> grain.IterDataset:
   """Infinite iterator dataset of this process's training batches (`batch_size` rows).
 
@@ -395,22 +408,16 @@ def create_train_dataset(
   is global; augmentation is seeded by the global position, so a run sees the same
   global batches on any number of processes.
 
-  With `negclip` (a single shard set only), each row also carries its hard image, hard
-  caption and two swapped-word negatives: see `vlp_jax.negclip.NegClipSpec`.
+  `extension` adds a method's fields to every row (see `RowExtension`).
   """
   if all(isinstance(s, str) for s in shards):
     shards = [records.ShardSet(",".join(shards), tuple(shards))]
   dataset = _shuffled_mixture(shards, global_batch=batch_size * process_count, seed=seed)
   transform = TrainTransform(image_size, tuple(crop_scale), flip)
   tokenize = TokenizeBatch(tokenizer)
-  if negclip is not None:
-    if len(shards) != 1:
-      raise ValueError(
-        f"NegCLIP hard negatives need a single training shard set, not a mixture of "
-        f"{len(shards)}: its neighbour indices are record indices within that set"
-      )
-    transform = negclip.train_transform(transform, shards[0].shards)
-    tokenize = TokenizeBatch(tokenizer, negclip.text_fields())
+  if extension is not None:
+    transform = extension.train_transform(transform, shards)
+    tokenize = TokenizeBatch(tokenizer, extension.text_fields())
   dataset = dataset.random_map(transform, seed=seed)
   dataset = ProcessRows(dataset, batch_size, process_index, process_count)
   read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
@@ -420,7 +427,11 @@ def create_train_dataset(
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; library users (tests, notebooks) never parsed any.
       flags.FLAGS.mark_as_parsed()
-    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    # Workers that outlive a killed trainer would keep their memory and shared memory.
+    iterable = iterable.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers),
+      worker_init_fn=processes.exit_with_parent,
+    )
   return iterable
 
 

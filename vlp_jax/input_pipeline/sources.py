@@ -3,8 +3,10 @@
 Each reader yields `Sample`s in a fixed order, each carrying the `Position` just after it
 (which file, which sample within it), so a conversion can stop after any sample and
 resume there. Readers only gather raw fields (image bytes or a path to them, caption as
-stored); `convert` validates and normalises them, possibly in worker processes. A reader
-never writes anything: tar members in particular are read into memory, never extracted.
+stored); `convert` validates and normalises them, possibly in worker processes, and opens
+image paths itself (regular files within the image root, read up to a byte limit). A
+reader never writes anything: tar members in particular are read into memory, never
+extracted, and none larger than the byte limit.
 
   webdataset  img2dataset tar shards: {key}.jpg|jpeg|png|webp, {key}.txt, {key}.json
   json        ALBEF/LilT lists: [{"image": path, "caption": str | [str, ...]}, ...]
@@ -31,11 +33,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 FORMATS = ("webdataset", "json", "csv", "tfds", "arrow")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Larger image files are skipped unread: no real photo needs this much.
-MAX_FILE_BYTES = 64 * 1024 * 1024
+# The default byte limit per image (and per tar caption file): no real photo needs more.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
 # Field names per format: (image, caption, key); a missing key field falls back to a position.
 DEFAULT_KEYS = {
   "json": ("image", "caption", "image_id"),
@@ -55,7 +58,8 @@ class SourceError(ValueError):
 class Sample:
   """One raw image-text pair, or a note that the reader could not read part of the source.
 
-  Exactly one of `image` and `image_path` is set for a usable sample; `skip` names the
+  Exactly one of `image` and `image_path` is set for a usable sample; `image_root` is the
+  real directory `image_path` must resolve within (None: anywhere). `skip` names the
   reason when the reader already knows the sample is unusable, `file_error` when a whole
   source file was unreadable (then `key` is that file's path).
   """
@@ -64,6 +68,7 @@ class Sample:
   key: str
   image: bytes | None = None
   image_path: str | None = None
+  image_root: str | None = None
   caption: Any = None
   skip: str | None = None
   file_error: str | None = None
@@ -81,8 +86,14 @@ class Source(abc.ABC):
     return None
 
   @abc.abstractmethod
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
-    """Samples from `start` on, in the same order every time."""
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
+    """Samples from `start` on, in the same order every time.
+
+    Images stored with their size (tar members, arrow cells) over `max_image_bytes` are
+    skipped unread; `convert` bounds the rest.
+    """
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -162,6 +173,27 @@ def _is_unsafe(name: str) -> bool:
   return name.startswith("/") or ".." in PurePosixPath(name).parts
 
 
+class _TarInfo(tarfile.TarInfo):
+  """Notes on its archive a header that ended iteration early (tarfile says nothing)."""
+
+  @classmethod
+  def fromtarfile(cls, archive: _TarFile) -> tarfile.TarInfo:
+    try:
+      return super().fromtarfile(archive)
+    except tarfile.EOFHeaderError:
+      raise  # A block of zeros: the end-of-archive marker.
+    except tarfile.HeaderError as e:
+      archive.stopped_early = str(e)
+      raise
+
+
+class _TarFile(tarfile.TarFile):
+  """A TarFile that says why iteration stopped: at a cut or bad header, not just at the end."""
+
+  tarinfo = _TarInfo
+  stopped_early: str | None = None  # None: stopped at the end-of-archive marker.
+
+
 class WebDatasetSource(Source):
   """img2dataset's output: tar shards of {key}.jpg + {key}.txt (+ {key}.json)."""
 
@@ -183,35 +215,56 @@ class WebDatasetSource(Source):
         return None
     return total
 
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
     for unit in range(start[0], len(self.paths)):
       first = start[1] if unit == start[0] else 0
-      yield from self._read_tar(unit, first)
+      yield from self._read_tar(unit, first, max_image_bytes)
 
-  def _read_tar(self, unit: int, first: int) -> Iterator[Sample]:
+  def _read_tar(self, unit: int, first: int, max_bytes: int) -> Iterator[Sample]:
     path = self.paths[unit]
     index = 0  # Samples seen in this tar, emitted or not.
+    group: list[tarfile.TarInfo] = []
     try:
-      with tarfile.open(path, "r:*") as tar:
-        group: list[tarfile.TarInfo] = []
+      with _TarFile.open(path, "r:*") as tar:
         for member in tar:
           if member.isdir():
             continue
           if group and _member_key(member.name)[0] != _member_key(group[0].name)[0]:
             if index >= first:
-              yield self._sample(tar, group, (unit, index + 1))
+              yield self._sample(tar, group, (unit, index + 1), max_bytes)
             index += 1
             group = []
           group.append(member)
         if group:
           if index >= first:
-            yield self._sample(tar, group, (unit, index + 1))
+            yield self._sample(tar, group, (unit, index + 1), max_bytes)
           index += 1
+        stopped_early, offset = tar.stopped_early, tar.offset
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-      yield Sample((unit + 1, 0), path, file_error=f"unreadable tar file ({type(e).__name__}: {e})")
+      if not index and not group:
+        yield Sample(
+          (unit + 1, 0), path, file_error=f"unreadable tar file ({type(e).__name__}: {e})"
+        )
+        return
+      stopped_early, offset = f"{type(e).__name__}: {e}", None
+    if stopped_early is not None:
+      # Counted once per tar, after its samples: a resumed run finds the same cut.
+      where = f" at byte {offset}" if offset is not None else ""
+      logging.warning(
+        "%s ends early%s (%s): cut short or corrupt; the %d samples before are kept.",
+        path,
+        where,
+        stopped_early,
+        index,
+      )
+      yield Sample((unit + 1, 0), path, skip="truncated_tar")
 
   @staticmethod
-  def _sample(tar: tarfile.TarFile, group: list[tarfile.TarInfo], position: Position) -> Sample:
+  def _sample(
+    tar: tarfile.TarFile, group: list[tarfile.TarInfo], position: Position, max_bytes: int
+  ) -> Sample:
     key = _member_key(group[0].name)[0]
     sample = Sample(position, key)
     if any(_is_unsafe(m.name) for m in group):
@@ -227,8 +280,11 @@ class WebDatasetSource(Source):
     if not image_member.isfile():
       sample.skip = "image_not_a_regular_file"  # A link could point anywhere: never follow.
       return sample
-    if image_member.size > MAX_FILE_BYTES:
+    if image_member.size > max_bytes:
       sample.skip = "image_file_too_large"
+      return sample
+    if any(fields[e].size > max_bytes for e in ("txt", "json") if e in fields):
+      sample.skip = "caption_file_too_large"
       return sample
     sample.image = tar.extractfile(image_member).read()
     if (text := fields.get("txt")) is not None and text.isfile():
@@ -249,12 +305,27 @@ def _resolve_image(path: str, image_root: str) -> str:
   return path if os.path.isabs(path) else os.path.join(image_root, path)
 
 
+def _containing_root(image_root: str, allow_outside_root: bool) -> str | None:
+  """The real directory image files must resolve within; None when they may be anywhere."""
+  return None if allow_outside_root else os.path.realpath(image_root)
+
+
 class JsonListSource(Source):
   """ALBEF/LilT annotation lists: [{"image": path, "caption": str | [str]}, ...]."""
 
-  def __init__(self, path: str, image_root: str = "", keys: tuple[str, str, str] = ("", "", "")):
+  def __init__(
+    self,
+    path: str,
+    image_root: str = "",
+    keys: tuple[str, str, str] = ("", "", ""),
+    *,
+    allow_outside_root: bool = False,
+  ):
     self.path = os.path.abspath(path)
+    # Without --image_root, images are found (and must stay) beside the annotation file.
     self.image_root = os.path.abspath(image_root or os.path.dirname(self.path))
+    self.allow_outside_root = allow_outside_root
+    self._root = _containing_root(self.image_root, allow_outside_root)
     defaults = DEFAULT_KEYS["json"]
     self.image_key, self.caption_key, self.id_key = (k or d for k, d in zip(keys, defaults))
     try:
@@ -270,13 +341,16 @@ class JsonListSource(Source):
       "format": "json",
       "file": self.path,
       "image_root": self.image_root,
+      "allow_outside_root": self.allow_outside_root,
       "keys": [self.image_key, self.caption_key, self.id_key],
     }
 
   def count(self) -> int:
     return len(self.entries)
 
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
     for index in range(start[1], len(self.entries)):
       entry, position = self.entries[index], (0, index + 1)
       if not isinstance(entry, dict) or not isinstance(entry.get(self.image_key), str):
@@ -288,6 +362,7 @@ class JsonListSource(Source):
         position,
         key,
         image_path=_resolve_image(image, self.image_root),
+        image_root=self._root,
         caption=entry.get(self.caption_key),
       )
 
@@ -301,9 +376,14 @@ class CsvSource(Source):
     image_root: str = "",
     keys: tuple[str, str, str] = ("", "", ""),
     separator: str = "",
+    *,
+    allow_outside_root: bool = False,
   ):
     self.path = os.path.abspath(path)
+    # Without --image_root, images are found (and must stay) beside the annotation file.
     self.image_root = os.path.abspath(image_root or os.path.dirname(self.path))
+    self.allow_outside_root = allow_outside_root
+    self._root = _containing_root(self.image_root, allow_outside_root)
     defaults = DEFAULT_KEYS["csv"]
     self.image_key, self.caption_key, self.id_key = (k or d for k, d in zip(keys, defaults))
     # open_clip's default separator is a tab; a .csv file almost always means commas.
@@ -332,11 +412,14 @@ class CsvSource(Source):
       "format": "csv",
       "file": self.path,
       "image_root": self.image_root,
+      "allow_outside_root": self.allow_outside_root,
       "separator": self.separator,
       "keys": [self.image_key, self.caption_key, self.id_key],
     }
 
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
     rows = self._rows()
     next(rows)  # The header.
     image_col, caption_col = (
@@ -356,6 +439,7 @@ class CsvSource(Source):
         position,
         row[id_col] if id_col is not None else image,
         image_path=_resolve_image(image, self.image_root),
+        image_root=self._root,
         caption=row[caption_col],
       )
 
@@ -417,7 +501,10 @@ class TfdsSource(Source):
     except (KeyError, ValueError, TypeError):
       return None
 
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
+    # Images arrive already read, sizes unknown before: `convert` applies max_image_bytes.
     import tensorflow_datasets as tfds
 
     try:
@@ -485,13 +572,15 @@ class ArrowSource(Source):
         return None
     return total
 
-  def read(self, start: Position = (0, 0)) -> Iterator[Sample]:
+  def read(
+    self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
+  ) -> Iterator[Sample]:
     import pyarrow as pa
 
     for unit in range(start[0], len(self.paths)):
       first = start[1] if unit == start[0] else 0
       try:
-        yield from self._read_file(unit, first)
+        yield from self._read_file(unit, first, max_image_bytes)
       except (OSError, pa.ArrowException) as e:
         yield Sample(
           (unit + 1, 0),
@@ -499,8 +588,9 @@ class ArrowSource(Source):
           file_error=f"unreadable arrow file ({type(e).__name__}: {e})",
         )
 
-  def _read_file(self, unit: int, first: int) -> Iterator[Sample]:
+  def _read_file(self, unit: int, first: int, max_bytes: int) -> Iterator[Sample]:
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     path = self.paths[unit]
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -517,13 +607,18 @@ class ArrowSource(Source):
         batch = reader.get_batch(b)
         for offset in range(max(first - row, 0), batch.num_rows, self.ROWS_PER_READ):
           part = batch.slice(offset, self.ROWS_PER_READ)
-          images = part.column(self.image_key).to_pylist()
+          images = part.column(self.image_key)
+          too_large = pc.fill_null(pc.greater(pc.binary_length(images), max_bytes), False)
+          # Oversized cells become nulls here, so they are never copied out of the map.
+          images = pc.if_else(too_large, pa.scalar(None, images.type), images).to_pylist()
+          too_large = too_large.to_pylist()
           captions = part.column(self.caption_key).to_pylist()
           ids = part.column(self.id_key).to_pylist() if self.id_key in names else None
           for i, (image, caption) in enumerate(zip(images, captions)):
             index = row + offset + i
             key = _text(ids[i]) if ids is not None else f"{stem}-{index}"
-            yield Sample((unit, index + 1), key, image=image, caption=caption)
+            skip = "image_file_too_large" if too_large[i] else None
+            yield Sample((unit, index + 1), key, image=image, caption=caption, skip=skip)
         row += batch.num_rows
 
 
@@ -532,6 +627,7 @@ def create_source(
   src: str = "",
   *,
   image_root: str = "",
+  allow_outside_root: bool = False,
   keys: tuple[str, str, str] = ("", "", ""),
   separator: str = "",
   tfds_name: str = "",
@@ -544,9 +640,9 @@ def create_source(
   if kind == "webdataset":
     return WebDatasetSource(src)
   if kind == "json":
-    return JsonListSource(src, image_root, keys)
+    return JsonListSource(src, image_root, keys, allow_outside_root=allow_outside_root)
   if kind == "csv":
-    return CsvSource(src, image_root, keys, separator)
+    return CsvSource(src, image_root, keys, separator, allow_outside_root=allow_outside_root)
   if kind == "tfds":
     if not tfds_name:
       raise SourceError("--tfds_name is required for --from=tfds")

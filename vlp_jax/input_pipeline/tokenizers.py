@@ -4,8 +4,11 @@
   equal Hugging Face's BertTokenizerFast for the same vocab and lower-casing.
 - "sentencepiece": a SentencePiece `.model` file on tensorflow-text; ids equal the
   `sentencepiece` package's own encoding.
-- "clip_bpe": CLIP's byte-level BPE from its merges file (`bpe_simple_vocab_16e6.txt.gz`);
-  ids equal open_clip's default tokenizer.
+- "clip_bpe": CLIP's byte-level BPE from its merges file (`bpe_simple_vocab_16e6.txt.gz`,
+  shipped in assets/: `default_vocab_file`); ids equal open_clip's default tokenizer.
+
+A run on its own shards without a vocab file gets a WordPiece vocab learned once from its
+training captions and kept in the workdir (`ensure_learned_vocab`).
 
 Every tokeniser returns fixed-length int32 rows: [start] pieces... end [pad]...; over-long
 texts are truncated before the end token, which always survives because the text tower
@@ -27,8 +30,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import regex
+from absl import logging
 
-from vlp_jax.input_pipeline import clip_bpe
+from vlp_jax.input_pipeline import clip_bpe, records
 
 TOKENIZER_KINDS = ("wordpiece", "sentencepiece", "clip_bpe")
 RESERVED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -115,6 +119,14 @@ def read_vocab(path: str) -> list[str]:
   if not vocab:
     raise ValueError(f"vocab file {path!r} is empty")
   return vocab
+
+
+def save_vocab(path: str, vocab: Sequence[str]) -> None:
+  """Writes a WordPiece vocab, one token per line; it appears only once complete."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("\n".join(vocab) + "\n")
+  os.replace(tmp, path)
 
 
 def learn_wordpiece_vocab(
@@ -419,3 +431,70 @@ def create_tokenizer(
   if kind == "sentencepiece":
     return SentencePieceTokenizer(vocab_file, context_length)
   return ClipBpeTokenizer(vocab_file, context_length, lower_case)
+
+
+# ------------------------------------------------------------------------- vocab files
+
+# OpenAI CLIP's BPE merges (MIT licence), the file open_clip installs, shipped with the
+# package so that tokenizer "clip_bpe" needs no vocab file.
+CLIP_BPE_MERGES = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz"
+)
+LEARNED_VOCAB_FILE = "vocab.txt"  # In the workdir: learned from the training captions.
+LEARNED_VOCAB_SIZE = 30_522  # An upper bound (BERT's size); small caption sets give fewer.
+# Records whose captions the vocab is learned from, spread over all shards: enough for a
+# caption vocabulary, and a bounded read of (mostly image) bytes on big datasets.
+LEARNED_VOCAB_RECORDS = 50_000
+
+
+def default_vocab_file(kind: str) -> str | None:
+  """The vocab file of tokenizer `kind` when config.data.vocab_file is "": CLIP's packaged
+  merges for "clip_bpe"; None for "wordpiece" and "sentencepiece", which ship none."""
+  if kind not in TOKENIZER_KINDS:
+    raise ValueError(f"config.data.tokenizer={kind!r} is not one of {TOKENIZER_KINDS}")
+  return CLIP_BPE_MERGES if kind == "clip_bpe" else None
+
+
+def shard_captions(shards: Sequence[str], max_records: int) -> list[str]:
+  """The captions of up to `max_records` records spread evenly over `shards` (ArrayRecord);
+  undecodable records are skipped, as the training pipeline skips them."""
+  import grain
+
+  source = grain.sources.ArrayRecordDataSource(list(shards))
+  picked = np.unique(np.linspace(0, len(source) - 1, min(len(source), max_records)).round())
+  captions: list[str] = []
+  for data in source.__getitems__([int(i) for i in picked]):
+    try:
+      captions += records.decode_record(data)["captions"]
+    except records.RecordError:
+      continue
+  return captions
+
+
+def ensure_learned_vocab(
+  workdir: str,
+  shards: Sequence[str],
+  *,
+  vocab_size: int = LEARNED_VOCAB_SIZE,
+  lower_case: bool = True,
+  max_records: int = LEARNED_VOCAB_RECORDS,
+) -> str:
+  """<workdir>/vocab.txt: a WordPiece vocab learned from the captions of `shards` the first
+  time, reused afterwards (a resumed run, eval.py); returns its path."""
+  path = os.path.join(workdir, LEARNED_VOCAB_FILE)
+  if os.path.isfile(path):
+    logging.info("WordPiece vocab: %s (learned from the training captions)", path)
+    return path
+  captions = shard_captions(shards, max_records)
+  if not captions:
+    raise ValueError("the training shards hold no caption to learn a WordPiece vocab from")
+  vocab = learn_wordpiece_vocab(captions, vocab_size, lower_case)
+  save_vocab(path, vocab)
+  logging.info(
+    "Learned a %d-token WordPiece vocab from %d training captions: %s "
+    "(config.data.vocab_file names another vocab)",
+    len(vocab),
+    len(captions),
+    path,
+  )
+  return path

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,6 +62,19 @@ class CLIP(nn.Module):
       "text": self.encode_text(tokens),
       **self.temperature(),
     }
+
+
+def embedding_fns(model: CLIP) -> dict[str, Callable[[Any, jax.Array], jax.Array]]:
+  """{"embed_image": (params, uint8 images) -> unit embeddings, "embed_text": (params,
+  tokens) -> unit embeddings}: the prediction functions evaluation uses."""
+
+  def embed_image(params: Any, images: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, images, method=CLIP.encode_image)
+
+  def embed_text(params: Any, tokens: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, tokens, method=CLIP.encode_text)
+
+  return {"embed_image": embed_image, "embed_text": embed_text}
 
 
 def vit_options(image_cfg: ml_collections.ConfigDict) -> dict[str, object]:

@@ -9,6 +9,8 @@ A converted DIR holds the parameters as an orbax checkpoint (DIR/params) and
 DIR/vlp_jax_weights.json: the config.model fields the checkpoint needs (printed too), the
 source, and which parameters the source did not provide. `load_tower_params` reads such a
 directory, a training run's workdir, or a raw open_clip / Hugging Face / timm checkpoint.
+Exported to a directory, a run also gets open_clip_config.json: its model, its pixel
+statistics and eval preprocessing, and its tokenizer (open_clip.save_open_clip).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from vlp_jax.weights.state_dict import (
 )
 
 INFO_FILE = "vlp_jax_weights.json"
-TOKENIZER_FILE = "tokenizer.json"  # A training run's tokenizer kind, vocab, pad and end ids.
+# A training run's files, written when it starts: its full config, and its tokenizer's
+# kind, vocab, pad and end ids.
+RUN_CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
 SOURCES = ("open_clip", "hf_clip", "timm")
 # load_tower_params kinds -> the top-level parameter entries they replace.
@@ -178,14 +183,17 @@ def _run_checkpoint_dir(path: str) -> str | None:
 def _restore_run_params(checkpoints: str) -> Params:
   """Parameters of a training run's newest checkpoint, without its optimizer state."""
   import orbax.checkpoint as ocp
+  from etils import epath
 
   with ocp.CheckpointManager(os.path.abspath(checkpoints)) as manager:
     step = manager.latest_step()
   if step is None:
     raise WeightsError(f"no checkpoint in {checkpoints!r}")
-  item = os.path.join(os.path.abspath(checkpoints), str(step), "state")
+  item = epath.Path(os.path.abspath(checkpoints), str(step), "state")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(item).item_metadata.tree["params"]
+    # The handler's tree metadata: the checkpointer's metadata() would also look for step
+    # metadata inside the item, where the manager never writes it, and warn.
+    saved = checkpointer.handler.metadata(item).tree["params"]
     target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
     restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     restored = checkpointer.restore(
@@ -200,7 +208,8 @@ def _restore_run_params(checkpoints: str) -> Params:
 
 def read_params(path: str) -> tuple[Params, dict[str, Any]]:
   """(parameters, info) of a converted directory or a training run (workdir or its
-  checkpoints directory; info then holds the run's config.json as {"config": ...})."""
+  checkpoints directory; info then holds the run's config.json as {"config": ...}, its
+  tokenizer.json as {"tokenizer": ...} and {"workdir": ...})."""
   import orbax.checkpoint as ocp
 
   if os.path.isfile(os.path.join(path, INFO_FILE)):
@@ -212,10 +221,10 @@ def read_params(path: str) -> tuple[Params, dict[str, Any]]:
     raise WeightsError(
       f"{path!r} is neither a converted directory ({INFO_FILE}) nor a training run"
     )
-  info: dict[str, Any] = {"source": "vlp_jax run"}
   workdir = os.path.dirname(checkpoints) if checkpoints != path else path
-  if os.path.isfile(os.path.join(workdir, "config.json")):
-    with open(os.path.join(workdir, "config.json")) as f:
+  info: dict[str, Any] = {"source": "vlp_jax run", "workdir": workdir}
+  if os.path.isfile(os.path.join(workdir, RUN_CONFIG_FILE)):
+    with open(os.path.join(workdir, RUN_CONFIG_FILE)) as f:
       info["config"] = json.load(f)
     info["model"] = info["config"].get("model")
   if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
@@ -338,13 +347,38 @@ def export(src: str, dst: str, lora_alpha: float | None = None) -> str:
   params, info = read_params(src)
   if lora_alpha is None:
     lora_alpha = (info.get("config", {}).get("peft") or {}).get("lora_alpha")
-  tokenizer = info.get("tokenizer") or {}
+  tokenizer = run_tokenizer(info)
   # open_clip pools the largest token id (CLIP BPE's end token); other vocabularies need
   # its "eos" pooling at their end token, which our last-non-pad pooling equals.
-  eos_id = tokenizer.get("eos_id") if tokenizer.get("kind", "clip_bpe") != "clip_bpe" else None
+  eos_id = tokenizer.get("eos_id") if tokenizer["kind"] != "clip_bpe" else None
   return open_clip.save_open_clip(
-    params, dst, lora_alpha=lora_alpha, model_fields=info.get("model"), eos_id=eos_id
+    params,
+    dst,
+    lora_alpha=lora_alpha,
+    model_fields=info.get("model"),
+    eos_id=eos_id,
+    tokenizer=tokenizer,
   )
+
+
+def run_tokenizer(info: Mapping[str, Any]) -> dict[str, Any]:
+  """The tokenizer of read_params' `info`: tokenizer.json's fields (kind, vocab_size,
+  pad_id, eos_id) plus `vocab_file` and `lower_case`, from the run's config where
+  tokenizer.json lacks them; vocab_file None where no file is known."""
+  from vlp_jax.input_pipeline import tokenizers
+
+  data = {**info.get("data", {}), **(info.get("config", {}).get("data") or {})}
+  found = {**info.get("tokenizer", {})}
+  found.setdefault("kind", data.get("tokenizer", "clip_bpe"))
+  found.setdefault("lower_case", data.get("lower_case", True))
+  learned = os.path.join(info.get("workdir", ""), tokenizers.LEARNED_VOCAB_FILE)
+  if not found.get("vocab_file"):
+    found["vocab_file"] = (
+      data.get("vocab_file")
+      or (learned if found["kind"] == "wordpiece" and os.path.isfile(learned) else None)
+      or tokenizers.default_vocab_file(found["kind"])
+    )
+  return found
 
 
 def create_parser() -> argparse.ArgumentParser:

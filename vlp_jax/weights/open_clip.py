@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from vlp_jax.weights import mapping
 from vlp_jax.weights.mapping import Params, Source
@@ -201,12 +203,15 @@ def save_open_clip(
   lora_alpha: float | None = None,
   model_fields: Mapping[str, Any] | None = None,
   eos_id: int | None = None,
+  tokenizer: Mapping[str, Any] | None = None,
 ) -> str:
   """Writes export_open_clip(params) to `path`: a .safetensors file, or a directory that
   gets open_clip_model.safetensors and, with `model_fields` (our config.model fields),
-  open_clip_config.json, so open_clip.create_model("local-dir:<path>") loads it; with
-  `eos_id` its text tower pools that token ("eos") instead of the largest id ("argmax").
-  Returns the weights file's path."""
+  open_clip_config.json, so open_clip.create_model_and_transforms("local-dir:<path>")
+  loads it with our pixel statistics and eval preprocessing; with `eos_id` its text tower
+  pools that token ("eos") instead of the largest id ("argmax"); with `tokenizer` (kind,
+  vocab_file, lower_case) open_clip.get_tokenizer("local-dir:<path>") gives our ids.
+  Files get the umask's permissions (0644 with the usual 022). Returns the weights path."""
   from safetensors.numpy import save_file
 
   state_dict = export_open_clip(params, lora_alpha=lora_alpha)
@@ -226,10 +231,74 @@ def save_open_clip(
       )
       if eos_id is not None:
         text_cfg.update(pool_type="eos", eos_id=int(eos_id))
+      if tokenizer is not None:
+        text_cfg.update(write_open_clip_tokenizer(path, tokenizer, text_cfg["context_length"]))
+      config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": open_clip_preprocess_cfg(model_fields["image"]),
+      }
       with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": model_cfg}, f, indent=2)
+        json.dump(config, f, indent=2)
   save_file(state_dict, weights)
+  # safetensors creates its file owner-only (0600); make it as readable as the others.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)
   return weights
+
+
+def open_clip_preprocess_cfg(image_fields: Mapping[str, Any]) -> dict[str, Any]:
+  """open_clip's preprocess_cfg for our config.model.image fields: their pixel statistics
+  (None: OpenAI's) and our eval preprocessing (evaluation.embedding.load_pixels: shorter
+  side to image_size, bicubic, centre crop)."""
+  from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD
+
+  def statistics(key: str, default: tuple[float, ...]) -> list[float]:
+    value = image_fields.get(key)  # [0, 1] units in the config, [0, 255] in the model.
+    return [float(v) for v in value] if value is not None else [v / 255 for v in default]
+
+  return {
+    "size": image_fields["image_size"],
+    "mean": statistics("mean", CLIP_MEAN),
+    "std": statistics("std", CLIP_STD),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+  }
+
+
+def write_open_clip_tokenizer(
+  path: str, tokenizer: Mapping[str, Any], context_length: int
+) -> dict[str, Any]:
+  """The text_cfg fields that make open_clip.get_tokenizer("local-dir:<path>") tokenise as
+  `tokenizer` (kind, vocab_file, lower_case) does, and the files it reads from `path`.
+
+  clip_bpe: open_clip's own SimpleTokenizer (its copy of CLIP's merges). wordpiece: a
+  Hugging Face BertTokenizer (vocab.txt + tokenizer_config.json), which open_clip cleans
+  as "whitespace" (ftfy and HTML unescaping too, which ours skips: only mojibake and
+  entities tokenise differently). sentencepiece: no open_clip tokenizer; a warning."""
+  kind, lower_case = tokenizer["kind"], tokenizer.get("lower_case", True)
+  if kind == "clip_bpe":
+    return {} if lower_case else {"tokenizer_kwargs": {"clean": "whitespace"}}
+  vocab_file = tokenizer.get("vocab_file")
+  if kind == "wordpiece" and vocab_file and os.path.isfile(vocab_file):
+    shutil.copyfile(vocab_file, os.path.join(path, "vocab.txt"))
+    hf_config = {
+      "tokenizer_class": "BertTokenizer",
+      "do_lower_case": lower_case,
+      "model_max_length": context_length,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    # open_clip reads a local-dir model's Hugging Face tokenizer from that directory
+    # whatever the name; elsewhere the name is where it looks.
+    return {"hf_tokenizer_name": os.path.abspath(path)}
+  logging.warning(
+    "open_clip_config.json names no tokenizer for this %s vocab (%s): open_clip's "
+    "get_tokenizer would give CLIP BPE ids; tokenise with vlp_jax's tokenizer",
+    kind,
+    vocab_file or "file unknown",
+  )
+  return {}
 
 
 def open_clip_model_cfg(model_fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import numpy as np
+
+from vlp_jax.config_lib import UserError
 
 StateDict = dict[str, np.ndarray]
 
@@ -27,7 +30,7 @@ CHECKPOINT_FILES = (
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
   """A checkpoint that does not fit the model; the message names the keys."""
 
 
@@ -53,22 +56,32 @@ def to_numpy(tensor: Any) -> np.ndarray:
   return tensor.detach().cpu().numpy()
 
 
-def read_state_dict(path: str) -> StateDict:
-  """name -> array from a `.safetensors`, `.pt`/`.pth`/`.bin` file or a directory holding one.
+def _reason(error: BaseException) -> str:
+  """One line saying what went wrong, without the advice paragraphs torch wraps it in."""
+  if isinstance(error, pickle.UnpicklingError) and error.__context__ is not None:
+    error = error.__context__  # torch.load's weights-only refusal: the unpickler's reason.
+  text = " ".join(str(error).split())
+  text = text.split(". ")[0][:300]  # Only the first sentence: the rest is advice.
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
-  Unwraps {"state_dict": ...} / {"model": ...} containers and DistributedDataParallel's
-  "module." prefix.
-  """
-  path = _checkpoint_file(path)
-  if path.endswith(".safetensors"):
+
+def _read_safetensors(path: str) -> StateDict:
+  from safetensors.numpy import load_file
+
+  try:
     try:
-      from safetensors.numpy import load_file
-
       return dict(load_file(path))
     except TypeError:  # bfloat16 tensors: NumPy cannot hold them, torch can.
       from safetensors.torch import load_file as load_torch_file
 
       return {k: to_numpy(v) for k, v in load_torch_file(path).items()}
+  except ImportError:
+    raise
+  except Exception as e:  # SafetensorError, OSError, ...: a corrupt or cut-short file.
+    raise WeightsError(f"{path!r} is not a readable safetensors file: {_reason(e)}") from e
+
+
+def _read_torch(path: str) -> Any:
   try:
     import torch
   except ImportError as e:
@@ -79,16 +92,34 @@ def read_state_dict(path: str) -> StateDict:
     # Training scripts (MAE, DeiT, ...) store their argparse.Namespace next to the weights:
     # a plain attribute holder, safe to rebuild, so it is allowed besides tensors.
     with torch.serialization.safe_globals([argparse.Namespace]):
-      loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # Pickles with code objects land here: refused, not executed.
-    raise WeightsError(f"{path!r} is not a weights-only PyTorch checkpoint: {e}") from e
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # Pickles with code objects land here: refused, not run.
+    raise WeightsError(f"{path!r} is not a weights-only PyTorch checkpoint: {_reason(e)}") from e
+  except Exception as e:  # A cut-short zip, an empty file, another format.
+    raise WeightsError(f"{path!r} is not a readable PyTorch checkpoint: {_reason(e)}") from e
+
+
+def read_state_dict(path: str) -> StateDict:
+  """name -> array from a `.safetensors`, `.pt`/`.pth`/`.bin` file or a directory holding one.
+
+  Unwraps {"state_dict": ...} / {"model": ...} containers and DistributedDataParallel's
+  "module." prefix. A file that cannot be read as a checkpoint raises a WeightsError
+  naming it.
+  """
+  path = _checkpoint_file(path)
+  if path.endswith(".safetensors"):
+    return _read_safetensors(path)
+  loaded = _read_torch(path)
   for container in ("state_dict", "model"):
     if isinstance(loaded, Mapping) and isinstance(loaded.get(container), Mapping):
       loaded = loaded[container]
   if not isinstance(loaded, Mapping):
     raise WeightsError(f"{path!r} does not hold a state dict (found {type(loaded).__name__})")
   prefix = "module." if all(k.startswith("module.") for k in loaded) else ""
-  return {k[len(prefix) :]: to_numpy(v) for k, v in loaded.items() if hasattr(v, "shape")}
+  try:
+    return {k[len(prefix) :]: to_numpy(v) for k, v in loaded.items() if hasattr(v, "shape")}
+  except Exception as e:  # A tensor NumPy cannot hold (complex32, a meta tensor, ...).
+    raise WeightsError(f"{path!r} holds a tensor that cannot be read: {_reason(e)}") from e
 
 
 class StateDictReader:

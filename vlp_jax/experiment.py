@@ -1,0 +1,287 @@
+"""Everything a run is made of, built and validated from the config before any compute:
+mesh, data sources, tokenizer, method, schedule and optimizer.
+
+`create_experiment` fails with a ConfigError naming the offending key; nothing here
+compiles or initialises parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from vlp_jax import config_lib, evaluation, methods, optim, pretrained, sharding
+from vlp_jax.config_lib import ConfigError
+from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
+from vlp_jax.methods import Method, MethodContext
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """What the train step is made of (benchmarks build these without data)."""
+
+  method: Method
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  batch_size: int  # Global.
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of the global batch the step receives."""
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    return {
+      name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
+      for name, x in self.method.batch_spec(self.batch_size).items()
+    }
+
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The batch fields that go to the devices (the rest, e.g. skip counts, stay)."""
+    return tuple(self.method.batch_spec(self.batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """What building a method needs of a tokenizer, for runs without one (benchmarks)."""
+
+  vocab_size: int
+  pad_id: int
+  context_length: int
+
+
+def create_step_parts(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  tokenizer: tokenizers.Tokenizer | TokenizerSpec,
+  total_steps: int,
+  train_sets: tuple[records.ShardSet, ...] = (),
+) -> StepParts:
+  """The method of config.method, its schedule and optimizer (ValueError naming a key)."""
+  method = methods.create_method(MethodContext(config, mesh, tokenizer, total_steps, train_sets))
+  schedule = optim.create_schedule(config.optim, total_steps)
+  tx = optim.create_optimizer(
+    config.optim, schedule, method.param_labels(), method.optimizer_groups(schedule)
+  )
+  return StepParts(method, schedule, tx, mesh, config.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment(StepParts):
+  """A run: its step parts plus config, workdir, data and tokenizer."""
+
+  config: ml_collections.ConfigDict = None  # type: ignore[assignment]
+  workdir: str = ""
+  tokenizer: tokenizers.Tokenizer = None  # type: ignore[assignment]
+  train_sets: tuple[records.ShardSet, ...] = ()  # Training shard sets and their weights.
+  eval_shards: tuple[str, ...] = ()
+  local_batch_size: int = 0
+  total_steps: int = 0
+  vocab_file: str = ""  # The tokenizer's file (recorded in tokenizer.json for export).
+
+  def train_dataset(self, extension: pipeline.RowExtension | None = None) -> grain.IterDataset:
+    """This process's training batches; `extension` adds a method's fields per row."""
+    data = self.config.data
+    return pipeline.create_train_dataset(
+      list(self.train_sets),
+      self.tokenizer,
+      batch_size=self.local_batch_size,
+      image_size=self.config.model.image.image_size,
+      crop_scale=tuple(data.crop_scale),
+      flip=data.flip,
+      seed=self.config.seed,
+      num_workers=data.num_workers,
+      read_threads=data.read_threads,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      extension=extension,
+    )
+
+  def evaluator(
+    self, tasks: list[str] | None = None, show_progress: bool = False
+  ) -> evaluation.Evaluator:
+    """The evaluation tasks (default config.eval.tasks) over the method's predictions."""
+    return evaluation.create_evaluator(
+      self.config,
+      self.method.predict_fns(),
+      self.mesh,
+      self.tokenizer,
+      list(self.eval_shards),
+      tasks=tasks,
+      show_progress=show_progress,
+      model_name=self.method.model_name,
+    )
+
+  def tokenizer_info(self) -> dict[str, Any]:
+    """What exporting the run needs of its tokenizer: kind, vocab size, pad and end ids."""
+    ids = np.asarray(self.tokenizer([""]))[0]
+    return {
+      "kind": self.config.data.tokenizer,
+      "vocab_size": self.tokenizer.vocab_size,
+      "pad_id": self.tokenizer.pad_id,
+      "eos_id": int(ids[ids != self.tokenizer.pad_id][-1]),
+      "vocab_file": os.path.abspath(self.vocab_file),
+      "lower_case": self.config.data.lower_case,
+    }
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-probe-{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def _resolve(key: str, spec: str) -> list[str]:
+  try:
+    return records.resolve_shards(spec)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.{key}: {e}") from e
+
+
+def _resolve_mixture(spec: str | list[str]) -> list[records.ShardSet]:
+  try:
+    return records.resolve_mixture(spec)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.data.train: {e}") from e
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  shards_per_batch = jax.process_count() * sharding.batch_size_divisor(mesh)
+  if config.batch_size <= 0 or config.batch_size % shards_per_batch:
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} must be a positive multiple of the "
+      f"number of batch shards ({shards_per_batch} = processes x data x fsdp devices)"
+    )
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % (shards_per_batch * accum):
+    raise ConfigError(
+      f"config.grad_accum_steps={accum}: every batch shard ({config.batch_size} / "
+      f"{shards_per_batch} rows) must split into {accum} equal microbatches"
+    )
+  if config.eval.batch_size <= 0 or config.eval.batch_size % shards_per_batch:
+    raise ConfigError(
+      f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple of "
+      f"{shards_per_batch}"
+    )
+
+
+def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Validates the config and builds mesh, data sources, tokenizer, method and optimizer.
+
+  Fails with a ConfigError naming the offending key before anything is compiled.
+  """
+  from configs.common import RULES  # configs/ lies beside train.py, not in vlp_jax.
+
+  config_lib.check_rules(config, RULES)
+  if config.method not in methods.METHODS:
+    raise ConfigError(f"config.method={config.method!r} is not one of {sorted(methods.METHODS)}")
+  if config.loss.kind == "negclip":
+    raise ConfigError("config.loss.kind='negclip' is now config.method='negclip'")
+  mesh = sharding.create_mesh(config.mesh.to_dict())
+  _check_batch_sizes(config, mesh)
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
+  init_specs = pretrained.parse_specs(config)
+  if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
+    raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
+  _check_workdir(workdir)
+
+  data = config.data
+  pretrained_vocab = pretrained.text_vocab_file(init_specs)
+  builtin_vocab = None
+  if data.train:
+    train_sets = _resolve_mixture(data.train)
+    try:
+      vocab_file = (
+        data.vocab_file or pretrained_vocab or tokenizers.default_vocab_file(data.tokenizer)
+      )
+      if not vocab_file and data.tokenizer == "wordpiece":
+        # Learned once from the training captions, kept (and reused) in the workdir.
+        shards = [path for shard_set in train_sets for path in shard_set.shards]
+        vocab_file = tokenizers.ensure_learned_vocab(workdir, shards, lower_case=data.lower_case)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    if not vocab_file:
+      raise ConfigError(
+        f"config.data.vocab_file is required for config.data.tokenizer={data.tokenizer!r}"
+      )
+    eval_spec = data.eval
+  else:
+    logging.info("No config.data.train given: using the built-in dataset.")
+    built = builtin.ensure_builtin(
+      data.cache_dir or None,
+      seed=data.builtin.seed,
+      num_train=data.builtin.num_train,
+      num_heldout=data.builtin.num_heldout,
+      image_size=data.builtin.image_size,
+      vocab_size=data.builtin.vocab_size,
+    )
+    train_sets = [records.ShardSet("builtin", tuple(built.train_shards))]
+    eval_spec = data.eval or ",".join(built.heldout_shards)
+    builtin_vocab = built.vocab_file
+    try:
+      default_vocab = tokenizers.default_vocab_file(data.tokenizer)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    vocab_file = data.vocab_file or pretrained_vocab or default_vocab or builtin_vocab
+  if not eval_spec:
+    raise ConfigError("config.data.eval is required when config.data.train is set")
+  eval_shards = _resolve("data.eval", eval_spec)
+  if not os.path.isfile(vocab_file):
+    raise ConfigError(f"config.data.vocab_file: {vocab_file!r} does not exist")
+  if data.tokenizer != "wordpiece" and vocab_file == builtin_vocab:
+    raise ConfigError(
+      f"config.data.tokenizer={data.tokenizer!r} needs config.data.vocab_file (the built-in "
+      "dataset's own vocab is WordPiece)"
+    )
+  try:
+    tokenizer = tokenizers.create_tokenizer(
+      data.tokenizer, vocab_file, config.model.text.context_length, data.lower_case
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  set_sizes = [len(grain.sources.ArrayRecordDataSource(list(s.shards))) for s in train_sets]
+  for shard_set, size in zip(train_sets, set_sizes):
+    needed = config.batch_size if len(train_sets) == 1 else 1
+    if size < needed:
+      raise ConfigError(
+        f"config.data.train: {shard_set.spec!r} has {size} records, fewer than "
+        f"{'a global batch of ' if needed > 1 else ''}{needed}"
+      )
+  total_steps = config.total_steps
+  if not total_steps:
+    # An epoch is one pass over the records of every set, whatever the weights.
+    total_steps = max(1, int(config.num_epochs * sum(set_sizes) // config.batch_size))
+  try:
+    parts = create_step_parts(config, mesh, tokenizer, total_steps, tuple(train_sets))
+    predictions = parts.method.predict_fns()
+    evaluation.check_servable(
+      evaluation.task_names(config.eval.tasks), list(predictions), config.method
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return Experiment(
+    # Field by field: dataclasses.asdict would also turn the flax modules into dicts.
+    **{field.name: getattr(parts, field.name) for field in dataclasses.fields(parts)},
+    config=config,
+    workdir=workdir,
+    tokenizer=tokenizer,
+    train_sets=tuple(train_sets),
+    eval_shards=tuple(eval_shards),
+    local_batch_size=config.batch_size // jax.process_count(),
+    total_steps=total_steps,
+    vocab_file=vocab_file,
+  )
