@@ -332,3 +332,40 @@ def test_a_shard_set_without_records_fails_before_any_compute(tiny_config, tmp_p
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
   with pytest.raises(ConfigError, match=r"config.data.train: .* has 0 records, fewer than"):
     trainer.create_experiment(tiny_config, str(tmp_path / "run"))
+
+
+def test_checkpoints_from_before_extra_state_still_restore(tmp_path):
+  import flax
+  import orbax.checkpoint as ocp
+
+  from vlp_jax import checkpointing
+
+  @flax.struct.dataclass
+  class OldTrainState:  # TrainState before it had `extra`.
+    step: jax.Array
+    params: dict
+    opt_state: dict
+    rng: jax.Array
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
+
+  values = dict(
+    step=jnp.int32(7),
+    params={"w": jnp.arange(6.0).reshape(2, 3)},
+    opt_state={"mu": {"w": jnp.ones((2, 3))}},
+    rng=jax.random.PRNGKey(3),
+    nonfinite_streak=jnp.int32(0),
+    nonfinite_total=jnp.int32(1),
+  )
+  manager = ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(OldTrainState(**values))))
+  manager.wait_until_finished()
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    trainer.TrainState(extra={}, **values),
+  )
+  assert checkpointing.check_matches(manager, 7, abstract) == []
+  restored = checkpointing.restore_state(manager, 7, abstract)
+  assert isinstance(restored, trainer.TrainState) and restored.extra == {}
+  np.testing.assert_array_equal(restored.params["w"], values["params"]["w"])
+  assert int(restored.step) == 7 and int(restored.nonfinite_total) == 1

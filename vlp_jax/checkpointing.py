@@ -10,6 +10,7 @@ and its free space; the newest complete checkpoint stays restorable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
@@ -127,11 +128,42 @@ def restore_state(
   abstract_state: Any,
   data_iterator: grain.DatasetIterator | None = None,
 ) -> Any:
-  """Restores the state (and the data iterator, in place) saved at `step`."""
-  items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+  """Restores the state (and the data iterator, in place) saved at `step`.
+
+  Fields of a dataclass state that hold no arrays and that the checkpoint lacks (the
+  empty `extra` of a method without extra state, in checkpoints written before
+  TrainState had it) keep their empty values, so older runs still resume.
+  """
+  absent = _absent_empty_fields(manager, step, abstract_state)
+  target = abstract_state
+  if absent:
+    target = {
+      f.name: getattr(abstract_state, f.name)
+      for f in dataclasses.fields(abstract_state)
+      if f.name not in absent
+    }
+  items = {STATE_ITEM: ocp.args.StandardRestore(target)}
   if data_iterator is not None:
     items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
+  restored = manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
+  return abstract_state.replace(**restored) if absent else restored
+
+
+def _absent_empty_fields(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> set:
+  if not dataclasses.is_dataclass(abstract_state):
+    return set()
+  empty = {
+    f.name
+    for f in dataclasses.fields(abstract_state)
+    if not jax.tree.leaves(getattr(abstract_state, f.name))
+  }
+  if not empty:
+    return set()
+  metadata = ocp.StandardCheckpointHandler().metadata(
+    epath.Path(_step_dir(manager, step)) / STATE_ITEM
+  )
+  saved = metadata.tree if isinstance(metadata.tree, dict) else {}
+  return {name for name in empty if name not in saved}
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
