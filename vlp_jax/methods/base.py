@@ -7,6 +7,7 @@ docs/DESIGN.md ("How to add a method").
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,8 +56,9 @@ class DataContext:
   train_sets: Sequence[records.ShardSet]
 
 
-class Method:
-  """Base class with the defaults; a method overrides what differs.
+class Method(abc.ABC):
+  """Base class with the defaults; a method implements the three abstract methods and
+  overrides what else differs.
 
   Inside jit: `loss`, `loss_and_grads`, the predict functions. On the host, once:
   everything else.
@@ -64,19 +66,19 @@ class Method:
 
   name = "method"
 
+  @abc.abstractmethod
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Name -> shape and dtype of every field the step reads from a global batch."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def init(self, rng: jax.Array) -> tuple[Params, Extra]:
     """Initial parameters and extra state (jitted into their shardings)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def loss(
     self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
   ) -> tuple[jax.Array, tuple[Metrics, Extra]]:
     """Scalar loss, its metrics (on device) and the next extra state."""
-    raise NotImplementedError
 
   def loss_and_grads(
     self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
