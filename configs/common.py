@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   """All fields a run reads, with defaults; variant configs override a few."""
   config = ml_collections.ConfigDict()
   # Training method (vlp_jax/methods): "contrastive" (CLIP, SigLIP, FLIP / cluster
-  # masking, LiT / LilT / LoRA: config.loss, masking, peft) or "negclip".
+  # masking, LiT / LilT / LoRA: config.loss, masking, peft), "negclip", "albef" or "vlc";
+  # fine-tuning a VLC run: "vlc_vqa", "vlc_nlvr2", "vlc_retrieval", "vlc_classify".
   config.method = "contrastive"
   config.seed = 0  # Seeds initialisation, data order, augmentation and masking.
   config.batch_size = 256  # Global batch (all processes together).
@@ -115,6 +116,112 @@ def base_config() -> ml_collections.ConfigDict:
   config.negclip = ml_collections.ConfigDict()
   config.negclip.tagger = "auto"
   config.negclip.block_size = 4096  # Embeddings compared per block when mining.
+  # config.method "albef" (vlp_jax/methods/albef.py): ALBEF's ITA (momentum-distilled
+  # InfoNCE over batch + queue), ITM (hard negatives) and MLM (momentum-distilled). The
+  # text encoder is config.model.text (kind "bert"), its layers from fusion_layer on
+  # cross-attend to the image tokens; config.model.embed_dim is the ITA width (256).
+  config.albef = ml_collections.ConfigDict()
+  config.albef.fusion_layer = 6  # First text layer with cross-attention (BERT-base: 6 of 12).
+  config.albef.momentum = 0.995  # EMA of the momentum encoders, updated before they run.
+  # Momentum features kept per modality (ALBEF: 65,536); a multiple of batch_size.
+  config.albef.queue_size = 65_536
+  config.albef.alpha = 0.4  # Weight of the momentum model's soft targets (ITA and MLM).
+  # alpha rises linearly from 0 over these steps; 0: one epoch of config.data.train.
+  config.albef.alpha_ramp_steps = 0
+  config.albef.temperature = 0.07  # Initial ITA temperature (learned, clamped below).
+  config.albef.temperature_min = 0.001
+  config.albef.temperature_max = 0.5
+  config.albef.mlm_probability = 0.15  # Share of tokens (not pad, [CLS]) masked for MLM.
+  # How a masked token is replaced: [MASK], a random id, unchanged (BERT's 80/10/10).
+  config.albef.mlm_replace = (0.8, 0.1, 0.1)
+  config.albef.ita_weight = 1.0  # Loss weights (ALBEF: all equal).
+  config.albef.itm_weight = 1.0
+  config.albef.mlm_weight = 1.0
+  # config.method "cmask" (vlp_jax/methods/cmask.py): ALBEF (config.albef) whose MLM
+  # tokens a masking agent picks, trained in the same step with REINFORCE on the
+  # information flow from the image into the tokens it masks.
+  config.cmask = ml_collections.ConfigDict()
+  config.cmask.mask_ratio = 0.3  # Tokens masked per caption: round(ratio x length).
+  # The agent's share of each caption's masks rises linearly from 0 (random masking) to 1
+  # over these steps; 0: the agent from the first step.
+  config.cmask.curriculum_steps = 10_000
+  config.cmask.agent_layers = 2  # Agent-owned cross-attention layers.
+  config.cmask.agent_width = 0  # Their width; 0: the text encoder's.
+  config.cmask.agent_heads = 0  # 0: the text encoder's.
+  config.cmask.agent_mlp_dim = 0  # 0: the text encoder's.
+  config.cmask.agent_lr = 1e-4  # Adam, constant, clipped at global norm 1.
+  config.cmask.agent_weight = 1.0  # Weight of the REINFORCE loss in the total.
+  config.cmask.entropy_coef = 0.01  # Entropy bonus of the agent's token softmax.
+  config.cmask.baseline_momentum = 0.99  # Running-mean reward baseline.
+  # Reward = flow + gain_weight x the MLM-loss drop the image brings (a second,
+  # image-free fusion pass); 0: flow only.
+  config.cmask.gain_weight = 0.0
+  # Span masking: the agent picks span starts, each grown right by a geometric length
+  # (SpanBERT: p 0.2, at most 10 tokens); span_max_length 0: single tokens.
+  config.cmask.span_p = 0.2
+  config.cmask.span_max_length = 0
+  # config.method "vlc" (vlp_jax/methods/vlc.py): one single-stream transformer over
+  # [text; image] trained with MLM + MAE + ITM (VLC). The encoder is config.model.image's
+  # ViT in MAE's layout (layer_norm_eps, patch_bias, mean / std apply; pre_norm and pool
+  # do not: no ln_pre, every token through the final norm, the text's [CLS] pooled); its
+  # text side reads config.model.text's context_length, max_positions, vocab_size and
+  # layer_norm_eps. An MAE checkpoint (encoder and decoder): config.model.image.init.
+  config.vlc = ml_collections.ConfigDict()
+  config.vlc.mlm_ratio = 0.15  # Share of words (whole_word) or tokens predicted by MLM.
+  config.vlc.whole_word = True  # Mask every piece of a selected word (tokens_word_ids).
+  config.vlc.mask_ratio = 0.6  # Share of patches dropped from the encoder, in both passes.
+  config.vlc.norm_pix_loss = True  # MAE's target: pixels normalised per patch.
+  config.vlc.mlm_weight = 1.0  # Loss weights (VLC: all 1).
+  config.vlc.mae_weight = 1.0  # 0 also skips the decoder.
+  config.vlc.itm_weight = 1.0
+  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight.
+  config.vlc.wpa = False
+  config.vlc.wpa_weight = 0.1
+  # MAE decoder on the fused image tokens (MAE's ViT-B: 512 wide, 8 blocks, 16 heads).
+  config.vlc.decoder_width = 512
+  config.vlc.decoder_depth = 8
+  config.vlc.decoder_num_heads = 16
+  config.vlc.decoder_mlp_dim = 2048
+  # Fine-tuning a VLC run on a downstream task: config.method "vlc_vqa", "vlc_nlvr2",
+  # "vlc_retrieval" or "vlc_classify" (vlp_jax/methods/vlc_tasks.py). The encoder is
+  # config.model's, read as for "vlc": give the pretraining run's model and tokenizer.
+  config.finetune = ml_collections.ConfigDict()
+  # The VLC run (its workdir) whose newest checkpoint gives the encoder and pooler (and
+  # the retrieval rank head, from its ITM head), loaded when this workdir has no
+  # checkpoint yet; "": random initialisation.
+  config.finetune.pretrained = ""
+  # The task's training data, one spec ("builtin": the generated set below): vqa
+  # "QUESTIONS_JSON,annotations=ANNOTATIONS_JSON,images=COCO_DIR", nlvr2
+  # "train.json,images=DIR", classify a class-folder tree or wds directory
+  # [,train_split=train]. Retrieval trains on config.data.train's image-text shards.
+  # Evaluation reads config.eval.data.<vqa|nlvr2|classify_finetuned|itm_retrieval>.
+  config.finetune.train = "builtin"
+  # VQA answers (the head's outputs): a file, one answer per line; "": the answers that
+  # are the most common answer of >= min_answer_count training questions (VQAv2: 3,129).
+  config.finetune.answers = ""
+  config.finetune.min_answer_count = 9
+  # Layer-wise lr decay: encoder block i trains at lr * lr_decay ** (depth - i), the
+  # embeddings at lr * lr_decay ** (depth + 1), final norm, pooler and heads at lr (VLC: 0.5).
+  config.finetune.lr_decay = 0.5
+  # The new heads' (VQA, NLVR2, classifier) lr multiplier. VLC's layer-wise groups give
+  # them 1 (its lr_mult=10 only reaches its pretraining-style groups, as ViLT's do).
+  config.finetune.head_lr_multiplier = 1.0
+  # Random-resized-crop area range of training images; None: the whole image (VQA /
+  # NLVR2: a crop could cut away what is asked about). Flips: classify only.
+  config.finetune.crop_scale = ml_collections.FieldReference(None, field_type=tuple)
+  config.finetune.flip = False
+  # Retrieval: other rows' captions each image is ranked against besides its own (VLC:
+  # 15 drawn captions) and the ITM loss weight beside the rank loss (VLC: 0.5, ITM head frozen).
+  config.finetune.num_negatives = 15
+  config.finetune.itm_weight = 0.5
+  config.finetune.label_smoothing = 0.1  # Classify (MAE's fine-tuning recipe).
+  # The generated sets ("builtin"): VQA images (3 questions each) or NLVR2 statement
+  # pairs of the training and evaluation splits, their rendered size and seed.
+  config.finetune.builtin = ml_collections.ConfigDict()
+  config.finetune.builtin.num_train = 2_000
+  config.finetune.builtin.num_eval = 300
+  config.finetune.builtin.image_size = 64
+  config.finetune.builtin.seed = 0
   # Split each global batch into this many microbatches, with negatives shared across the
   # whole batch (features are cached, then each microbatch is re-run with gradients).
   config.grad_accum_steps = 1
@@ -159,7 +266,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 5e-4  # Peak learning rate.
-  config.optim.warmup_steps = 2_000  # Linear warmup, then cosine decay.
+  config.optim.warmup_steps = 2_000  # Linear warmup, then the decay of optim.schedule.
+  config.optim.warmup_start_ratio = 0.0  # The warm-up starts at lr x this (ALBEF: 0.1).
+  config.optim.schedule = "cosine"  # Decay after warm-up: "cosine" or "linear" (VLC).
   config.optim.end_lr_ratio = 0.0  # Final lr as a share of the peak.
   config.optim.weight_decay = 0.2  # AdamW decoupled decay on matrices.
   config.optim.b1 = 0.9
@@ -174,13 +283,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Tasks run at every evaluation and by eval.py (its --tasks overrides): comma list of
   # heldout (retrieval on data.eval, plus the built-in set's compositional probe),
   # zeroshot_retrieval, zeroshot_classification, linear_probe, sugarcrepe, aro,
-  # winoground, crepe, svo.
+  # winoground, crepe, svo; fine-tuned heads (evaluation/finetune.py): vqa, nlvr2,
+  # classify_finetuned, itm_retrieval ("builtin" data: the generated sets of config.finetune).
   config.eval.tasks = "heldout"
   # Dataset of each task: "path[,key=value...]", several joined by ";" (eval.py:
   # --data.<task>=...). Formats and options: vlp_jax/evaluation/readers.py,
   # classification_readers.py and compositional_readers.py.
   config.eval.data = ml_collections.ConfigDict({task: "" for task in EVAL_TASKS[1:]})
   config.eval.recall_ks = (1, 5, 10)  # Retrieval recall@k.
+  # Methods with an image-text matching head (ALBEF): retrieval also re-ranks each query's
+  # top rerank_k candidates by ITA similarity with the ITM score (ALBEF's protocol,
+  # evaluation/rerank.py), and the compositional tasks also score with ITM; 0: off.
+  config.eval.rerank_k = 128
   config.eval.templates = ""  # Zero-shot prompt file, "{c}" per line; "": CLIP's 80 ImageNet ones.
   # SVO probes: a pair matches when its cosine similarity exceeds this; None: the
   # threshold that maximises the macro accuracy (an oracle, reported with the metrics).
@@ -247,6 +361,53 @@ RULES: dict[str, Rule] = {
   "peft.lora_rank": at_least(1),
   "peft.lora_alpha": positive(),
   "negclip.block_size": at_least(1),
+  "albef.fusion_layer": at_least(0),  # <= model.text.depth: methods/albef.py.
+  "albef.momentum": in_range(0, 1),
+  "albef.queue_size": at_least(1),  # A multiple of batch_size: methods/albef.py.
+  "albef.alpha": in_range(0, 1),
+  "albef.alpha_ramp_steps": at_least(0),  # 0: one epoch.
+  "albef.temperature": positive(),
+  "albef.temperature_min": positive(),
+  "albef.temperature_max": positive(),
+  "albef.mlm_probability": in_range(0, 1),
+  "albef.mlm_replace": each(in_range(0, 1), length=3),
+  "albef.ita_weight": at_least(0),
+  "albef.itm_weight": at_least(0),
+  "albef.mlm_weight": at_least(0),
+  "cmask.mask_ratio": in_range(0, 1),
+  "cmask.curriculum_steps": at_least(0),  # 0: the agent from the first step.
+  "cmask.agent_layers": at_least(1),
+  "cmask.agent_width": at_least(0),  # 0: the text encoder's.
+  "cmask.agent_heads": at_least(0),
+  "cmask.agent_mlp_dim": at_least(0),
+  "cmask.agent_lr": positive(),
+  "cmask.agent_weight": at_least(0),
+  "cmask.entropy_coef": at_least(0),
+  "cmask.baseline_momentum": in_range(0, 1, include_high=False),
+  "cmask.gain_weight": at_least(0),
+  "cmask.span_p": in_range(0, 1),
+  "cmask.span_max_length": at_least(0),  # 0: single tokens.
+  "vlc.mlm_ratio": in_range(0, 1),
+  "vlc.mask_ratio": in_range(0, 1, include_high=False),  # Keeps >= 1 patch: methods/vlc.py.
+  "vlc.mlm_weight": at_least(0),
+  "vlc.mae_weight": at_least(0),
+  "vlc.itm_weight": at_least(0),
+  "vlc.wpa_weight": at_least(0),
+  "vlc.decoder_width": at_least(4),  # A multiple of 4 (sin-cos positions): methods/vlc.py.
+  "vlc.decoder_depth": at_least(1),
+  "vlc.decoder_num_heads": at_least(1),
+  "vlc.decoder_mlp_dim": at_least(1),
+  "finetune.min_answer_count": at_least(1),
+  "finetune.lr_decay": in_range(0, 1, include_high=True),  # 1: no decay.
+  "finetune.head_lr_multiplier": positive(),
+  "finetune.crop_scale": fraction_interval(),  # None: the whole image.
+  "finetune.num_negatives": at_least(1),  # < batch_size: methods/vlc_tasks.py.
+  "finetune.itm_weight": at_least(0),
+  "finetune.label_smoothing": in_range(0, 1, include_high=False),
+  "finetune.builtin.num_train": at_least(2),
+  "finetune.builtin.num_eval": at_least(1),
+  "finetune.builtin.image_size": at_least(8),
+  "finetune.builtin.seed": at_least(0),
   "grad_accum_steps": at_least(1),
   "masking.ratio": in_range(0, 1, include_high=False),
   "masking.min_ratio": in_range(0, 1, include_high=False),
@@ -266,6 +427,7 @@ RULES: dict[str, Rule] = {
   "data.builtin.seed": at_least(0),
   "optim.lr": positive(),
   "optim.warmup_steps": at_least(0),
+  "optim.warmup_start_ratio": in_range(0, 1),
   "optim.end_lr_ratio": in_range(0, 1),
   "optim.weight_decay": at_least(0),
   "optim.b1": in_range(0, 1, include_high=False),
@@ -276,6 +438,7 @@ RULES: dict[str, Rule] = {
   "eval.batch_size": at_least(1),
   "eval.max_captions": at_least(1),
   "eval.recall_ks": each(at_least(1)),
+  "eval.rerank_k": at_least(0),  # 0: no ITM re-ranking.
   "eval.svo_threshold": in_range(-1, 1),  # A cosine similarity.
   "eval.linear_probe.lr": positive(),
   "eval.linear_probe.epochs": at_least(1),

@@ -3,6 +3,7 @@ and the small built-in dataset and training batches the pipeline tests share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -104,3 +105,23 @@ def take(dataset, num_batches: int) -> list[dict]:
   """The first `num_batches` batches of `dataset`."""
   iterator = iter(dataset)
   return [next(iterator) for _ in range(num_batches)]
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str):
+  """JAX's persistent compilation cache in `path`: the trainer runs below compile the
+  same programs (in this process and in subprocesses), so each compiles once."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {key: getattr(jax.config, key) for key in keys}
+  cc.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  try:
+    yield
+  finally:
+    for key, value in before.items():
+      jax.config.update(key, value)
+    cc.reset_cache()

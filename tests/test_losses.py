@@ -121,3 +121,41 @@ def test_bad_loss_configs_name_the_key(kind, form, message):
   config = ml_collections.ConfigDict({"kind": kind, "form": form})
   with pytest.raises(ValueError, match=message):
     losses.create_loss(config, sharding.create_mesh({"data": -1}))
+
+
+def test_hard_negatives_come_from_the_softmax_without_the_positive_or_excluded():
+  similarity = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)) * 3, jnp.float32)
+  exclude = jnp.zeros((4, 4), bool).at[0, 1].set(True)
+  draws = jax.vmap(lambda k: losses.sample_negatives(k, similarity, exclude))(
+    jax.random.split(jax.random.PRNGKey(0), 4000)
+  )
+  draws = np.asarray(draws)
+  assert (draws != np.arange(4)).all() and (draws[:, 0] != 1).all()
+  # Row 2's frequencies follow softmax over its three other columns.
+  logits = np.asarray(similarity[2]).copy()
+  logits[2] = -np.inf
+  expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+  counts = np.bincount(draws[:, 2], minlength=4) / len(draws)
+  np.testing.assert_allclose(counts, expected, atol=0.03)
+  # Nothing left to draw: the row's own index.
+  assert int(losses.sample_negatives(jax.random.PRNGKey(0), jnp.zeros((1, 1)))[0]) == 0
+
+
+def test_mlm_loss_averages_selected_tokens_and_mixes_soft_targets():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  targets = rng.integers(0, 5, size=(2, 3))
+  selected = np.array([[True, False, True], [False, False, True]])
+  soft = rng.dirichlet(np.ones(5), size=(2, 3)).astype(np.float32)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  hard = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  distilled = -(soft * log_probs).sum(-1)
+  expected = 0.6 * hard[selected].mean() + 0.4 * distilled[selected].mean()
+  loss, metrics = losses.mlm_loss(
+    jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(selected), jnp.asarray(soft), 0.4
+  )
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  accuracy = (logits.argmax(-1) == targets)[selected].mean()
+  np.testing.assert_allclose(float(metrics["mlm_accuracy"]), accuracy)
+  nothing, _ = losses.mlm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 3), bool))
+  assert float(nothing) == 0.0

@@ -265,3 +265,18 @@ def test_tokenizer_truncates_but_keeps_the_end_token(tokenizer):
   assert ids.shape == (2, 24)
   assert ids[0, -1] == tokenizer.sep_id and ids[0, 0] == tokenizer.cls_id
   assert (ids[1] != 0).sum() == 5  # [CLS] a blue square [SEP]
+
+
+def test_word_ids_come_with_the_tokens_and_leave_them_unchanged(data, tokenizer):
+  plain = take(train_dataset(data.train_shards, tokenizer), 1)[0]
+  batch = take(train_dataset(data.train_shards, tokenizer, extension=pipeline.WithWordIds()), 1)[0]
+  np.testing.assert_array_equal(batch["tokens"], plain["tokens"])
+  np.testing.assert_array_equal(batch["image"], plain["image"])
+  word_ids = batch["tokens_word_ids"]
+  assert word_ids.shape == batch["tokens"].shape and word_ids.dtype == np.int32
+  special = np.isin(batch["tokens"], [tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id])
+  assert (word_ids[special] == -1).all() and (word_ids[~special] >= 0).all()
+  # Pieces of one word are adjacent: ids never decrease along a caption.
+  for row in word_ids:
+    words = row[row >= 0]
+    assert (np.diff(words) >= 0).all() and words[0] == 0

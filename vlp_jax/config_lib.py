@@ -25,6 +25,14 @@ EVAL_TASKS = (
   "winoground",
   "crepe",
   "svo",
+  # Fine-tuned heads (evaluation/finetune.py): VQAv2, NLVR2, classification, retrieval
+  # by a matching head over every pair (single-stream models).
+  "vqa",
+  "nlvr2",
+  "classify_finetuned",
+  "itm_retrieval",
+  # CMask's agent: which words it masks on the held-out captions (evaluation/agent_report.py).
+  "agent_masking",
 )
 
 

@@ -56,6 +56,10 @@ class TokenizerSpec:
   vocab_size: int
   pad_id: int
   context_length: int
+  # BERT's special ids, for methods with masked language modelling (ALBEF, VLC).
+  cls_id: int | None = None
+  sep_id: int | None = None
+  mask_id: int | None = None
 
 
 def create_step_parts(

@@ -199,3 +199,56 @@ def create_loss(loss_config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
   if form == "ring":
     return ring_siglip_loss(mesh)
   return siglip_loss
+
+
+# ---------------------------------------------------------------- fusion-model losses
+# Image-text matching and masked language modelling, shared by ALBEF / CMask and VLC.
+
+
+def sample_negatives(
+  rng: jax.Array, similarity: jax.Array, exclude: jax.Array | None = None
+) -> jax.Array:
+  """(B,) one negative column per row, drawn from softmax(similarity[row]) with the
+  row's positive (the diagonal) and `exclude` (B, B) bool (e.g. the same image in
+  another row) left out: ALBEF's hard negatives.
+
+  A row with nothing left to draw (B = 1) returns its own index.
+  """
+  rows = similarity.shape[0]
+  banned = jnp.eye(rows, similarity.shape[1], dtype=bool)
+  if exclude is not None:
+    banned |= exclude
+  logits = jnp.where(banned, -jnp.inf, jax.lax.stop_gradient(similarity).astype(jnp.float32))
+  drawn = jax.random.categorical(rng, logits, axis=-1)
+  return jnp.where(jnp.all(banned, axis=-1), jnp.arange(rows), drawn)
+
+
+def itm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean 2-way cross-entropy of the matching head: logits (N, 2), labels (N,) 1 =
+  matched pair, 0 = negative; with the head's accuracy."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return jnp.mean(loss), {"itm_accuracy": accuracy}
+
+
+def mlm_loss(
+  logits: jax.Array,
+  targets: jax.Array,
+  selected: jax.Array,
+  soft_targets: jax.Array | None = None,
+  alpha: float | jax.Array = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy of logits (B, T, V) against the original ids `targets` (B, T), averaged
+  over the `selected` (B, T) positions; with `soft_targets` (B, T, V) (a momentum model's
+  probabilities), (1 - alpha) * that + alpha * the soft cross-entropy (ALBEF's
+  distillation). 0 when nothing is selected."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  hard = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  weights = selected.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  loss = jnp.sum(hard * weights) / count
+  if soft_targets is not None:
+    soft = -jnp.sum(jax.lax.stop_gradient(soft_targets) * log_probs, axis=-1)
+    loss = (1 - alpha) * loss + alpha * jnp.sum(soft * weights) / count
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return loss, {"mlm_accuracy": jnp.sum(correct * weights) / count}

@@ -11,16 +11,30 @@ import optax
 
 from vlp_jax import peft
 
+SCHEDULES = ("cosine", "linear")
+
 
 def create_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_ratio`."""
+  """Linear warm-up from `lr * warmup_start_ratio` to `lr`, then cosine (CLIP, ALBEF) or
+  linear (VLC, ViLT) decay to `lr * end_lr_ratio`."""
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
   warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=optim.lr,
-    warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=optim.lr * optim.end_lr_ratio,
+  start, end = optim.lr * optim.warmup_start_ratio, optim.lr * optim.end_lr_ratio
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      init_value=start,
+      peak_value=optim.lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=end,
+    )
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(start, optim.lr, warmup),
+      optax.linear_schedule(optim.lr, end, max(total_steps - warmup, 1)),
+    ],
+    [warmup],
   )
 
 

@@ -173,15 +173,18 @@ def _train_and_evaluate(exp: Experiment) -> dict[str, float]:
   if fresh:  # Before the data: a method may prepare its rows with the starting model.
     state = _initialise_params(exp, state, state_sharding)
   evaluator = exp.evaluator()
-  extension = exp.method.pipeline_extension(
-    DataContext(
-      workdir,
-      state.params,
-      functools.partial(evaluator.embedder.images, state.params),
-      exp.train_sets,
-    )
+  data_context = DataContext(
+    workdir,
+    state.params,
+    functools.partial(evaluator.embedder.images, state.params),
+    exp.train_sets,
+    exp.tokenizer,
+    exp.local_batch_size,
   )
-  train_iter = iter(exp.train_dataset(extension))
+  batches = exp.method.train_data(data_context)
+  if batches is None:
+    batches = exp.train_dataset(exp.method.pipeline_extension(data_context))
+  train_iter = iter(batches)
   if restored := checkpointing.restore_newest_good(manager, abstract_state, train_iter):
     logging.info("Resuming from the checkpoint of step %d", restored[0])
     state = restored[1]

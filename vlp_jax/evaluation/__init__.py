@@ -15,13 +15,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
 from vlp_jax import progress
-from vlp_jax.evaluation import readers, report
+from vlp_jax.evaluation import agent_report, finetune, readers, report, rerank
 from vlp_jax.evaluation.embedding import DataError, Embedder, EmbedFn, ImageRef, Tokenizer
 from vlp_jax.evaluation.tasks import TASK_NEEDS, TASKS, Result, Task, check_servable, create_tasks
 
@@ -87,7 +88,20 @@ def create_evaluator(
     read_threads=config.data.read_threads,
     show_progress=show_progress,
   )
-  return Evaluator(embedder, create_tasks(names, config.eval, heldout), model_name)
+  # A method with an ITM head (match_image + match_score) also gets ALBEF's re-ranked
+  # retrieval and ITM-scored compositional results (config.eval.rerank_k > 0).
+  matcher = rerank.create_matcher(predict_fns, embedder) if config.eval.rerank_k else None
+
+  def agent_masking() -> Task:  # CMask: which words its agent masks (agent_logits).
+    return agent_report.create_task(config, predict_fns, heldout)
+
+  tasks = create_tasks(
+    [n for n in names if n not in finetune.TASKS], config.eval, heldout, matcher, agent_masking
+  )
+  # Fine-tuned heads (VQA, NLVR2, classification, ITM-only retrieval), after the others.
+  tuned = [n for n in names if n in finetune.TASKS]
+  tasks += finetune.create_tasks(tuned, config, predict_fns, heldout)
+  return Evaluator(embedder, tasks, model_name)
 
 
 def heldout_metrics(results: Sequence[Result]) -> dict[str, float]:
@@ -116,6 +130,12 @@ def log_and_write(
   writer.write_scalars(step, scalars)
   pretrained = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
   report.write_results(results, step, out_dir, model, pretrained)
+  for r in results:  # A benchmark's own files, beside its result JSON.
+    if r.files and jax.process_index() == 0:
+      folder = report.result_path(out_dir, step, r).removesuffix(".json")
+      os.makedirs(folder, exist_ok=True)
+      for name, write in r.files.items():
+        write(os.path.join(folder, name))
   retrieval = [r for r in results if r.heldout]
   if retrieval:  # The newest held-out retrieval, where the README's demo points.
     progress.write_json(

@@ -91,6 +91,14 @@ def retrieval_metrics(
     raise ValueError(f"{missing.size} images have no caption, e.g. image {missing[0]}")
   t2i = text_to_image_ranks(image_emb, text_emb, text_to_image, block)
   i2t = image_to_text_ranks(image_emb, text_emb, text_to_image, block)
+  return metrics_from_ranks(t2i, i2t, ks)
+
+
+def metrics_from_ranks(
+  t2i: np.ndarray, i2t: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+  """Recall@k from 0-based ranks: each text's own image (t2i), each image's best-placed
+  caption (i2t). Shared with ITM re-ranked retrieval (rerank.py)."""
   metrics = {}
   for k in ks:
     metrics[f"image_retrieval_recall@{k}"] = float((t2i < k).mean())

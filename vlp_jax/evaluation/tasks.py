@@ -7,6 +7,11 @@ metrics) plus the metrics shown in the summary table.
 Tasks: heldout (retrieval on the run's eval shards; the built-in set adds its
 compositional probe), zeroshot_retrieval, zeroshot_classification, linear_probe,
 sugarcrepe, aro, winoground, crepe, svo.
+
+With a `rerank.Matcher` (a method with an ITM head, config.eval.rerank_k > 0) the
+retrieval tasks add an "itm_retrieval" result (ALBEF's re-ranked protocol) and the
+compositional ones a "<task>_itm" result scored by the matching head, next to the
+embedding-based ones.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from vlp_jax.config_lib import EVAL_TASKS
-from vlp_jax.evaluation import classification, compositional, linear_probe, readers
+from vlp_jax.evaluation import classification, compositional, linear_probe, readers, rerank
 from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation import compositional_readers as creaders
 from vlp_jax.evaluation.compositional import MatchingSet
@@ -33,6 +38,14 @@ TASKS = EVAL_TASKS
 _EMBEDDINGS = ("embed_image", "embed_text")
 TASK_NEEDS: dict[str, tuple[str, ...]] = {task: _EMBEDDINGS for task in TASKS}
 TASK_NEEDS["linear_probe"] = ("embed_image",)
+# Fine-tuning tasks (evaluation/finetune.py, which builds them) read a task head each.
+TASK_NEEDS.update(
+  vqa=("vqa_logits",),
+  nlvr2=("nlvr2_logits",),
+  classify_finetuned=("class_logits",),
+  itm_retrieval=("match_image", "match_score"),
+  agent_masking=("agent_logits",),  # evaluation/agent_report.py, on the held-out set.
+)
 
 
 def check_servable(names: Sequence[str], available: Sequence[str], method: str) -> None:
@@ -85,6 +98,9 @@ class Result:
   metrics: dict[str, float]
   headline: list[str]  # metric keys for the summary table, in order
   heldout: bool = False  # the run's own held-out retrieval (TensorBoard "eval/<metric>")
+  # A benchmark's own files (file name -> writer(path)), written beside the result JSON
+  # in <out>/step_<N>/<dataset>_<task>/ (a VQA test-dev submission, NLVR2 predictions).
+  files: dict[str, Callable[[str], None]] = dataclasses.field(default_factory=dict)
 
 
 class Task:
@@ -102,8 +118,16 @@ class RetrievalTask(Task):
 
   name = "zeroshot_retrieval"
 
-  def __init__(self, data: readers.RetrievalSet, ks: Sequence[int], heldout: bool = False):
+  def __init__(
+    self,
+    data: readers.RetrievalSet,
+    ks: Sequence[int],
+    heldout: bool = False,
+    matcher: rerank.Matcher | None = None,
+    rerank_k: int = 0,
+  ):
     self.data, self.ks, self.heldout = data, tuple(ks), heldout
+    self.matcher, self.rerank_k = (matcher, rerank_k) if rerank_k > 0 else (None, 0)
     if data.skipped:
       logging.warning("%s: %d unreadable records skipped", data.name, data.skipped)
 
@@ -130,6 +154,52 @@ class RetrievalTask(Task):
       neg = np.sum(image_emb[owner] * text_emb[len(texts) :], axis=1)
       probe = compositional.pairwise_accuracy(np.stack([pos, neg], -1)[:, None], np.asarray(kinds))
       results.append(Result("compositional", data.name, probe, list(probe)))
+    if self.matcher is not None:
+      results.extend(self._itm_results(params, image_emb, text_emb, texts, negatives, owner, kinds))
+    return results
+
+  def _itm_results(
+    self,
+    params: Any,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    texts: list[str],
+    negatives: list[str],
+    owner: list[int],
+    kinds: list[str],
+  ) -> list[Result]:
+    """ALBEF's re-ranked retrieval, and the probe scored by the matching head."""
+    data = self.data
+    text_to_image = np.repeat(np.arange(len(data.captions)), [len(c) for c in data.captions])
+    metrics = rerank.reranked_retrieval(
+      self.matcher,
+      params,
+      image_emb,
+      text_emb[: len(texts)],
+      text_to_image,
+      data.images,
+      texts,
+      self.rerank_k,
+      self.ks,
+      desc=data.name,
+    )
+    headline = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in self.ks]
+    results = [Result("itm_retrieval", data.name, metrics, headline)]
+    if negatives:
+      first_caption = np.cumsum([0] + [len(c) for c in data.captions[:-1]])
+      owner = np.asarray(owner)
+      item_texts = np.stack([first_caption[owner], len(texts) + np.arange(len(negatives))], -1)
+      scores = rerank.item_scores(
+        self.matcher,
+        params,
+        data.images,
+        texts + negatives,
+        owner[:, None],
+        item_texts,
+        desc=f"{data.name} probe",
+      )
+      probe = compositional.pairwise_accuracy(scores, np.asarray(kinds))
+      results.append(Result("compositional_itm", data.name, probe, list(probe)))
     return results
 
 
@@ -206,21 +276,40 @@ class MatchingTask(Task):
     sets: dict[str, tuple[MatchingSet, ScoreFn]],
     headline: list[str],
     extra: dict[str, float] | None = None,
+    matcher: rerank.Matcher | None = None,
+    itm_score_fns: dict[str, ScoreFn] | None = None,
   ):
     self.name, self.dataset, self.sets = name, dataset, sets
     self.headline, self.extra = headline, dict(extra or {})
+    # ITM scores are logits, not cosines: a set may score them its own way (SVO's
+    # threshold), else as the embeddings.
+    self.matcher, self.itm_score_fns = matcher, dict(itm_score_fns or {})
 
   def evaluate(self, embedder: Embedder, params: Any) -> list[Result]:
     metrics: dict[str, float] = dict(self.extra)
+    itm_metrics: dict[str, float] = dict(self.extra)
     for prefix, (data, score_fn) in self.sets.items():
       image_emb = embedder.images(params, data.images, desc=f"{self.name} {prefix} images")
       text_emb = embedder.texts(params, data.texts, desc=f"{self.name} {prefix} texts")
       scores = compositional.item_scores(image_emb, text_emb, data.item_images, data.item_texts)
-      found = score_fn(scores, data)
-      metrics.update({f"{prefix}/{k}" if prefix else k: v for k, v in found.items()})
-      metrics[f"{prefix}/num_items" if prefix else "num_items"] = float(len(scores))
+      _add(metrics, prefix, score_fn(scores, data), len(scores))
+      if self.matcher is not None:
+        desc = f"{self.name} {prefix}".strip()
+        scores = rerank.item_scores(
+          self.matcher, params, data.images, data.texts, data.item_images, data.item_texts, desc
+        )
+        itm_fn = self.itm_score_fns.get(prefix, score_fn)
+        _add(itm_metrics, prefix, itm_fn(scores, data), len(scores))
     headline = [k for k in self.headline if k in metrics]
-    return [Result(self.name, self.dataset, metrics, headline)]
+    results = [Result(self.name, self.dataset, metrics, headline)]
+    if self.matcher is not None:
+      results.append(Result(f"{self.name}_itm", self.dataset, itm_metrics, headline))
+    return results
+
+
+def _add(metrics: dict[str, float], prefix: str, found: dict[str, float], items: int) -> None:
+  metrics.update({f"{prefix}/{k}" if prefix else k: v for k, v in found.items()})
+  metrics[f"{prefix}/num_items" if prefix else "num_items"] = float(items)
 
 
 def _sugarcrepe(scores: np.ndarray, data: MatchingSet) -> dict[str, float]:
@@ -292,17 +381,32 @@ def create_tasks(
   names: Sequence[str],
   eval_config: ml_collections.ConfigDict,
   heldout: Callable[[], readers.RetrievalSet] | None = None,
+  matcher: rerank.Matcher | None = None,
+  agent_masking: Callable[[], Task] | None = None,
 ) -> list[Task]:
-  """Reads every dataset the named tasks need, from `config.eval.data.<task>`."""
+  """Reads every dataset the named tasks need, from `config.eval.data.<task>`.
+
+  `agent_masking` builds that task (agent_report.create_task over the method's
+  agent_logits and the held-out set): it needs more than the eval config.
+
+  `matcher` (a method's ITM head) adds re-ranked retrieval and ITM-scored compositional
+  results when config.eval.rerank_k > 0."""
   tasks: list[Task] = []
   ks = tuple(eval_config.recall_ks)
+  rerank_k = eval_config.rerank_k
+  matcher = matcher if rerank_k > 0 else None
   for name in names:
     if name not in TASKS:
       raise ValueError(f"unknown evaluation task {name!r}; known: {', '.join(TASKS)}")
     if name == "heldout":
       if heldout is None:
         raise ValueError("the heldout task needs the run's eval shards")
-      tasks.append(RetrievalTask(heldout(), ks, heldout=True))
+      tasks.append(RetrievalTask(heldout(), ks, True, matcher, rerank_k))
+      continue
+    if name == "agent_masking":
+      if agent_masking is None:
+        raise ValueError("the agent_masking task needs the method's agent_logits")
+      tasks.append(agent_masking())
       continue
     text = eval_config.data[name]
     if not text:
@@ -310,7 +414,10 @@ def create_tasks(
     specs = readers.parse_specs(text, f"--data.{name}", OPTIONS[name])
     if name == "zeroshot_retrieval":
       tasks.extend(
-        RetrievalTask(readers.read_retrieval(s, eval_config.max_captions), ks) for s in specs
+        RetrievalTask(
+          readers.read_retrieval(s, eval_config.max_captions), ks, False, matcher, rerank_k
+        )
+        for s in specs
       )
     elif name == "zeroshot_classification":
       for spec in specs:
@@ -323,7 +430,7 @@ def create_tasks(
         tasks.append(_linear_probe_task(spec, eval_config.linear_probe))
     else:
       spec = _one(specs, name)
-      tasks.append(_matching_task(name, spec, eval_config))
+      tasks.append(_matching_task(name, spec, eval_config, matcher))
   return tasks
 
 
@@ -340,13 +447,16 @@ def _linear_probe_task(spec: readers.DatasetSpec, lp: ml_collections.ConfigDict)
 
 
 def _matching_task(
-  name: str, spec: readers.DatasetSpec, eval_config: ml_collections.ConfigDict
+  name: str,
+  spec: readers.DatasetSpec,
+  eval_config: ml_collections.ConfigDict,
+  matcher: rerank.Matcher | None = None,
 ) -> Task:
   images = spec.get("images")
   if name == "sugarcrepe":
     data = creaders.read_sugarcrepe(spec.path, images)
     headline = [*creaders.SUGARCREPE_SUBSETS, "mean"]
-    return MatchingTask(name, "sugar_crepe", {"": (data, _sugarcrepe)}, headline)
+    return MatchingTask(name, "sugar_crepe", {"": (data, _sugarcrepe)}, headline, matcher=matcher)
   if name == "aro":
     found = creaders.read_aro(spec.path, spec.options)
     score_fns = {
@@ -362,11 +472,15 @@ def _matching_task(
       "coco_order/precision@1",
       "flickr30k_order/precision@1",
     ]
-    return MatchingTask(name, "aro", sets, headline)
+    return MatchingTask(name, "aro", sets, headline, matcher=matcher)
   if name == "winoground":
     data = creaders.read_winoground(spec.path, images)
     return MatchingTask(
-      name, "winoground", {"": (data, _winoground)}, ["text_score", "image_score", "group_score"]
+      name,
+      "winoground",
+      {"": (data, _winoground)},
+      ["text_score", "image_score", "group_score"],
+      matcher=matcher,
     )
   if name == "crepe":
     folders = (
@@ -374,7 +488,11 @@ def _matching_task(
     )
     data = creaders.read_crepe(spec.path, folders)
     return MatchingTask(
-      name, "crepe", {"": (data, _crepe)}, ["R@1", "R@3", "R@5", "R@10", "mean_rank"]
+      name,
+      "crepe",
+      {"": (data, _crepe)},
+      ["R@1", "R@3", "R@5", "R@10", "mean_rank"],
+      matcher=matcher,
     )
   if name == "svo":
     data, dropped = creaders.read_svo(spec.path, images)
@@ -388,5 +506,14 @@ def _matching_task(
       "all/pairwise_accuracy",
     ]
     sets = {"": (data, _svo(eval_config.svo_threshold))}
-    return MatchingTask(name, "svo_probes", sets, headline, {"num_rows_dropped": float(dropped)})
+    # A cosine threshold means nothing for ITM logits: those take the oracle threshold.
+    return MatchingTask(
+      name,
+      "svo_probes",
+      sets,
+      headline,
+      {"num_rows_dropped": float(dropped)},
+      matcher=matcher,
+      itm_score_fns={"": _svo(None)},
+    )
   raise ValueError(f"unknown compositional task {name!r}")

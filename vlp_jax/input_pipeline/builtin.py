@@ -39,6 +39,15 @@ COLOURS = {
 SIZES = {"small": 0.09, "large": 0.17}  # radius as a share of the image side
 RELATIONS = ("left of", "right of", "above", "below")
 COLOUR_NAMES = tuple(COLOURS)
+# Every word the captions use, by class: what a masking agent's choices are reported by
+# (image-grounded classes against function words).
+WORD_CLASSES = {
+  "colour": COLOUR_NAMES,
+  "shape": SHAPES,
+  "size": tuple(SIZES),
+  "relation": ("left", "right", "of", "above", "below"),
+  "function": ("a", "which", "is", ","),
+}
 # One held-out shape per colour: every colour and every shape still occurs in training.
 HELDOUT_PAIRS = frozenset((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOUR_NAMES))
 NEGATIVE_KINDS = ("swap_att", "replace_att", "replace_rel", "replace_obj")

@@ -238,6 +238,28 @@ class RowExtension(Protocol):
     """(text field, token field) pairs tokenised per batch, ("text", "tokens") first."""
     ...
 
+  @property
+  def word_ids(self) -> bool:
+    """Also give every token field F a field F_word_ids (whole-word masking)."""
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class WithWordIds:
+  """A RowExtension that adds only "tokens_word_ids": each token's word index in its
+  caption (tokenizers.NO_WORD for special tokens and padding)."""
+
+  word_ids: bool = True
+
+  def train_transform(
+    self, base: TrainTransform, shard_sets: Sequence[records.ShardSet]
+  ) -> grain.transforms.RandomMap:
+    del shard_sets
+    return base
+
+  def text_fields(self) -> tuple[tuple[str, str], ...]:
+    return (("text", "tokens"),)
+
 
 @dataclasses.dataclass
 class TokenizeBatch(grain.transforms.Map):
@@ -247,13 +269,20 @@ class TokenizeBatch(grain.transforms.Map):
 
   tokenizer: Tokenizer
   fields: tuple[tuple[str, str], ...] = (("text", "tokens"),)
+  word_ids: bool = False  # Also write F_word_ids for every token field F.
 
   def map(self, batch: dict) -> dict:
     texts = [[str(t) for t in batch.pop(text_field)] for text_field, _ in self.fields]
-    tokens = self.tokenizer([t for field_texts in texts for t in field_texts])
+    flat = [t for field_texts in texts for t in field_texts]
+    if self.word_ids:
+      tokens, word_ids = self.tokenizer.encode_with_word_ids(flat)
+    else:
+      tokens, word_ids = self.tokenizer(flat), None
     start = 0
     for (_, token_field), field_texts in zip(self.fields, texts):
       batch[token_field] = tokens[start : start + len(field_texts)]
+      if word_ids is not None:
+        batch[f"{token_field}_word_ids"] = word_ids[start : start + len(field_texts)]
       start += len(field_texts)
     return batch
 
@@ -417,7 +446,7 @@ def create_train_dataset(
   tokenize = TokenizeBatch(tokenizer)
   if extension is not None:
     transform = extension.train_transform(transform, shards)
-    tokenize = TokenizeBatch(tokenizer, extension.text_fields())
+    tokenize = TokenizeBatch(tokenizer, extension.text_fields(), extension.word_ids)
   dataset = dataset.random_map(transform, seed=seed)
   dataset = ProcessRows(dataset, batch_size, process_index, process_count)
   read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)

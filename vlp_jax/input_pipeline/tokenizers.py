@@ -204,6 +204,8 @@ class WordPieceTokenizer(_FixedLengthTokenizer):
     self.unk_id = self.vocab.index("[UNK]")
     self.cls_id = self.start_id = self.vocab.index("[CLS]")
     self.sep_id = self.end_id = self.vocab.index("[SEP]")
+    # MLM (ALBEF, CMask, VLC) needs [MASK]; CLIP-style training does not.
+    self.mask_id = self.vocab.index("[MASK]") if "[MASK]" in self.vocab else None
     self._wordpiece = None
     self._cache: dict[str, list[int]] = {}
 

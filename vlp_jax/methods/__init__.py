@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vlp_jax.methods import contrastive, negclip
+from vlp_jax.methods import albef, cmask, contrastive, negclip, vlc, vlc_tasks
 from vlp_jax.methods.base import DataContext, Method, MethodContext, PredictFn
 
 # config.method -> builder. "contrastive" covers CLIP, SigLIP, FLIP / cluster / k-means
@@ -17,6 +17,14 @@ from vlp_jax.methods.base import DataContext, Method, MethodContext, PredictFn
 METHODS: dict[str, Callable[[MethodContext], Method]] = {
   "contrastive": contrastive.create,
   "negclip": negclip.create,
+  "albef": albef.create,  # ALBEF: ITA + ITM + MLM, momentum model, queues (config.albef).
+  "cmask": cmask.create,  # ALBEF + a masking agent and its curriculum (config.cmask).
+  "vlc": vlc.create,  # VLC: single-stream MLM + MAE + ITM (config.vlc).
+  # Fine-tuning a VLC run (config.finetune): VQAv2, NLVR2, ITM retrieval, classification.
+  "vlc_vqa": vlc_tasks.create_vqa,
+  "vlc_nlvr2": vlc_tasks.create_nlvr2,
+  "vlc_retrieval": vlc_tasks.create_retrieval,
+  "vlc_classify": vlc_tasks.create_classify,
 }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -54,6 +55,8 @@ class DataContext:
   params: Params
   embed_images: Callable[[Any, int], np.ndarray]  # (image sources, count) -> (count, D).
   train_sets: Sequence[records.ShardSet]
+  tokenizer: Tokenizer | None = None
+  local_batch_size: int = 0  # This process's rows of every global batch.
 
 
 class Method(abc.ABC):
@@ -103,6 +106,14 @@ class Method(abc.ABC):
   def pipeline_extension(self, ctx: DataContext) -> RowExtension | None:
     """Fields added to every training row; called once before data starts, so it may
     prepare them (NegCLIP mines its hard images here)."""
+    del ctx
+    return None
+
+  def train_data(self, ctx: DataContext) -> grain.IterDataset | None:
+    """This process's training batches when the method reads data of its own (a
+    fine-tuning task's questions and answers), or None: the image-text shards of
+    config.data.train with `pipeline_extension`'s fields. Must be a grain dataset, so
+    the checkpoint records its position."""
     del ctx
     return None
 

@@ -238,6 +238,7 @@ class NegClipSpec:
 
   neighbours: np.ndarray
   tagger: Tagger
+  word_ids = False
 
   def text_fields(self) -> tuple[tuple[str, str], ...]:
     """(text field, token field) pairs for `pipeline.TokenizeBatch`."""

@@ -47,7 +47,11 @@ def mean_pool(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class BertLayer(nn.Module):
-  """Post-LN encoder layer: h = LN(x + attn(x)); LN(h + ffn(h))."""
+  """Post-LN encoder layer: h = LN(x + attn(x)); LN(h + ffn(h)).
+
+  The two halves are methods so that fusion.FusionLayer inserts cross-attention between
+  them with the same parameter names.
+  """
 
   num_heads: int
   mlp_dim: int
@@ -62,28 +66,36 @@ class BertLayer(nn.Module):
   def _ln(self, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
 
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x (B, T, W); mask (B, T) true at the tokens attention may look at."""
-    batch, length, width = x.shape
+  def _heads(self, x: jax.Array, name: str, width: int) -> jax.Array:
+    """x (B, L, any width) -> (B, L, heads, width // heads) through the Dense `name`."""
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
+    h = self._dense(width, name)(x)
+    return h.reshape(*x.shape[:2], self.num_heads, width // self.num_heads)
 
-    def heads(name: str) -> jax.Array:
-      return self._dense(width, name)(x).reshape(batch, length, self.num_heads, head_dim)
-
+  def self_attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """LN(x + attention over x); mask (B, T) true at the tokens attention may look at."""
+    batch, length, width = x.shape
     attended = jax.nn.dot_product_attention(
-      heads("query"), heads("key"), heads("value"), mask=mask[:, None, None, :]
+      self._heads(x, "query", width),
+      self._heads(x, "key", width),
+      self._heads(x, "value", width),
+      mask=mask[:, None, None, :],
     ).reshape(batch, length, width)
     h = self._dense(width, "attention_output")(attended)
     h = layers.maybe_adapter(h, "adapter_attn", self.tuning, self.dtype)
-    x = self._ln("attention_ln")(h + x)
+    return self._ln("attention_ln")(h + x)
 
+  def feed_forward(self, x: jax.Array) -> jax.Array:
     h = ACTIVATIONS[self.activation](self._dense(self.mlp_dim, "intermediate")(x))
-    h = self._dense(width, "output")(h)
+    h = self._dense(x.shape[-1], "output")(h)
     h = layers.maybe_adapter(h, "adapter_mlp", self.tuning, self.dtype)
     return self._ln("output_ln")(h + x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x (B, T, W); mask (B, T) true at the tokens attention may look at."""
+    return self.feed_forward(self.self_attention(x, mask))
 
 
 class BertEmbeddings(nn.Module):

@@ -99,8 +99,10 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, images: jax.Array, keep_indices: jax.Array | None = None
+    self, images: jax.Array, keep_indices: jax.Array | None = None, all_tokens: bool = False
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """With `all_tokens`, aux also holds "tokens": every output token through ln_post
+    (B, 1 + kept patches, width), what a fusion encoder attends to (ALBEF)."""
     size = self.size
     if self.pool not in POOLS:
       raise ValueError(f"VisionTransformer.pool={self.pool!r} is not one of {POOLS}")
@@ -141,7 +143,10 @@ class VisionTransformer(nn.Module):
       layer_norm_eps=self.layer_norm_eps,
       name="transformer",
     )(x)
-    pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
-    pooled = layer_norm("ln_post", self.dtype, self.layer_norm_eps)(pooled)
+    ln_post = layer_norm("ln_post", self.dtype, self.layer_norm_eps)
+    pooled = ln_post(x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1))
     proj = self.param("proj", nn.initializers.normal(scale), (size.width, self.embed_dim))
-    return pooled @ proj.astype(self.dtype), {"pre_logits": pooled}
+    aux = {"pre_logits": pooled}
+    if all_tokens:
+      aux["tokens"] = ln_post(x)
+    return pooled @ proj.astype(self.dtype), aux

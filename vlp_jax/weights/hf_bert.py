@@ -7,6 +7,12 @@ the `position_ids` buffer and pre-training heads (cls.*) are not used. Position 
 beyond the tower's context_length are dropped. Parameters the checkpoint does not have
 (text_projection, adapters, LoRA factors) keep the template's values; any other missing,
 mis-shaped or unused key is named in the WeightsError.
+
+ALBEF's text encoder (models.albef.AlbefText) takes the same import: its fusion layers'
+cross_query / cross_key / cross_value / cross_output / cross_ln load from a checkpoint's
+`crossattention` blocks where it has them and otherwise start random, and its mlm_head
+loads from BERT's `cls.predictions` head (transform, LayerNorm, bias; the decoder is the
+tied word embedding) when the checkpoint has one (BertForMaskedLM, bert-base-uncased).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 # Checkpoint keys nothing in the tower corresponds to (after the prefix is removed).
 _IGNORED = re.compile(r"^(pooler\.|cls\.|embeddings\.position_ids$)")
 # Template parameters a BERT checkpoint never holds.
-_NEW_PARAMS = re.compile(r"(^|/)(text_projection|adapter_[^/]*)/|/lora_[ab]$")
+_NEW_PARAMS = re.compile(
+  r"(^|/)(text_projection|adapter_[^/]*|cross_[^/]*|mlm_head/[^/]*)/|/lora_[ab]$|^mlm_head/bias$"
+)
 
 # Hugging Face hidden_act -> models.bert.ACTIVATIONS key.
 _HF_ACTIVATIONS = {
@@ -148,6 +156,18 @@ def import_hf_bert(path_or_state_dict: str | Mapping[str, Any], template_params:
     linear(f"layer_{i}/intermediate", f"{theirs}.intermediate.dense")
     linear(f"layer_{i}/output", f"{theirs}.output.dense")
     layer_norm(f"layer_{i}/output_ln", f"{theirs}.output.LayerNorm")
+    cross = f"{theirs}.crossattention"
+    if f"layer_{i}/cross_query/kernel" in template_flat and f"{cross}.self.query.weight" in reader:
+      for name in ("query", "key", "value"):
+        linear(f"layer_{i}/cross_{name}", f"{cross}.self.{name}")
+      linear(f"layer_{i}/cross_output", f"{cross}.output.dense")
+      layer_norm(f"layer_{i}/cross_ln", f"{cross}.output.LayerNorm")
+
+  head = "cls.predictions"
+  if "mlm_head/transform/kernel" in template_flat and f"{head}.transform.dense.weight" in reader:
+    linear("mlm_head/transform", f"{head}.transform.dense")
+    layer_norm("mlm_head/transform_ln", f"{head}.transform.LayerNorm")
+    values["mlm_head/bias"] = reader.get(f"{head}.bias")
 
   return fill_params(
     template_params,

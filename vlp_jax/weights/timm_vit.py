@@ -9,7 +9,8 @@ for models that average the patch tokens (timm's global_pool="avg", MAE fine-tun
 The model must be built to match (config_from_timm says how): layer_norm_eps=1e-6 (timm's
 default), patch_bias=True, pre_norm=False, pool="mean" with fc_norm checkpoints. timm has
 no joint-space projection: visual/proj keeps its initial value. The classifier (head.*),
-MAE's decoder (decoder_*, mask_token) and its {"model": ...} container are not used.
+MAE's decoder (decoder_*, mask_token) and its {"model": ...} container are not used
+(`import_mae_into_vlc` reads encoder and decoder into VLC's single-stream model).
 Models with parts we do not have (register tokens, LayerScale, qk-norm) fail, naming them.
 """
 
@@ -21,7 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from vlp_jax.models.single_stream import sincos_positions
 from vlp_jax.weights import mapping
 from vlp_jax.weights.mapping import Params, Source
 from vlp_jax.weights.state_dict import WeightsError
@@ -77,14 +80,18 @@ def _source_of(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     if norm in ("ln_pre", "ln_post"):
       name = "norm_pre" if norm == "ln_pre" else post_norm
       return mapping.plain(f"{name}.{mapping.layer_norm_key(leaf)}")
-    m = re.fullmatch(r"transformer/resblocks_(\d+)/(?:attn/|mlp/)?(\w+)/(kernel|bias|scale)", rest)
-    if not m:
-      raise WeightsError(f"parameter {path!r} has no timm counterpart")
-    block, module, leaf = m.groups()
-    name = f"blocks.{block}.{_BLOCK_NAMES[module]}"
-    return mapping.dense_or_norm(name, leaf)
+    return _block_source(path, rest, "blocks")
 
   return source_of
+
+
+def _block_source(path: str, rest: str, prefix: str) -> Source:
+  """transformer/resblocks_<i>/... of our tower <- `prefix`.<i>.... of timm / MAE."""
+  m = re.fullmatch(r"transformer/resblocks_(\d+)/(?:attn/|mlp/)?(\w+)/(kernel|bias|scale)", rest)
+  if not m:
+    raise WeightsError(f"parameter {path!r} has no timm counterpart")
+  block, module, leaf = m.groups()
+  return mapping.dense_or_norm(f"{prefix}.{block}.{_BLOCK_NAMES[module]}", leaf)
 
 
 def _hints(message: str) -> list[str]:
@@ -181,3 +188,90 @@ def config_from_timm(
     "std": IMAGENET_STD,
   }
   return {"activation": "gelu", "image": image}
+
+
+# ---------------------------------------------------------------- MAE -> VLC
+
+# Fixed sin-cos tables in MAE's checkpoints: VLC recomputes them for its own grid.
+_VLC_IGNORED = re.compile(r"^(head\.|head_drop|pos_embed$|decoder_pos_embed$)")
+
+
+def _vlc_source_of(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]):
+  has_decoder = "decoder_embed.weight" in state_dict
+
+  def source_of(path: str) -> Source | None:
+    part, _, rest = path.partition("/")
+    if part == "encoder":
+      if rest == "conv1/kernel":
+        return mapping.conv("patch_embed.proj.weight")
+      if rest == "conv1/bias":
+        return mapping.plain("patch_embed.proj.bias")
+      if rest == "class_embedding":
+        return mapping.squeeze_to("cls_token", shapes[path])
+      if rest.startswith("ln_post/"):
+        # Every token goes through MAE's final norm (not fc_norm, a classifier's).
+        return mapping.plain(f"norm.{mapping.layer_norm_key(rest.rpartition('/')[2])}")
+      if rest.startswith("transformer/"):
+        return _block_source(path, rest, "blocks")
+      return None  # Text and token-type embeddings: not in an image checkpoint.
+    if part == "decoder" and has_decoder:
+      names = {"embed": "decoder_embed", "pred": "decoder_pred", "ln": "decoder_norm"}
+      module, _, leaf = rest.partition("/")
+      if module in names:
+        return mapping.dense_or_norm(names[module], leaf)
+      if rest == "mask_token":
+        return mapping.squeeze_to("mask_token", shapes[path])
+      return _block_source(path, rest, "decoder_blocks")
+    return None  # No decoder in the checkpoint, pooler, ITM / MLM heads: initial values.
+
+  return source_of
+
+
+def _check_sincos(state_dict: Mapping[str, Any], key: str, table: np.ndarray) -> None:
+  """Warns when a checkpoint's positions on our grid are not MAE's fixed sin-cos ones
+  (a timm ViT with learned positions): VLC uses sin-cos whatever the checkpoint holds."""
+  if key not in state_dict:
+    return
+  pos = np.asarray(state_dict[key], np.float32)
+  pos = pos.reshape(-1, pos.shape[-1])  # Another width: fill_params reports the decoder.
+  if pos.shape == table.shape and not np.allclose(pos, table, atol=1e-4):
+    logging.warning(
+      "%s is not MAE's fixed sin-cos table: VLC uses sin-cos positions, these are dropped", key
+    )
+
+
+def import_mae_into_vlc(
+  state_dict_or_path: str | os.PathLike | Mapping[str, Any], params: Params
+) -> Params:
+  """VLC's parameters (models.single_stream.SingleStream, host arrays) with the encoder
+  and the MAE decoder read from an MAE pretraining checkpoint (or, without decoder_*
+  keys, a timm ViT: the decoder keeps its initial values).
+
+  Names (ours <- MAE): encoder/conv1 <- patch_embed.proj, encoder/class_embedding <-
+  cls_token, encoder/transformer/resblocks_<i> <- blocks.<i>, encoder/ln_post <- norm,
+  decoder/embed <- decoder_embed, decoder/mask_token <- mask_token,
+  decoder/transformer/resblocks_<i> <- decoder_blocks.<i>, decoder/ln <- decoder_norm,
+  decoder/pred <- decoder_pred. pos_embed / decoder_pos_embed are MAE's fixed sin-cos
+  tables: recomputed for our grid (so a 224 px checkpoint serves 384 px), not read. Text
+  embeddings, token types, pooler and heads keep their values.
+  """
+  state_dict = _checked(mapping.as_state_dict(state_dict_or_path))
+  if "encoder" not in params or "decoder" not in params:
+    raise WeightsError("the parameters are not a VLC model's (no encoder / decoder)")
+  shapes = mapping.shapes_of(params)
+  # The checkpoint's own grid (its resolution may differ from ours).
+  grid = round((int(np.prod(state_dict["pos_embed"].shape[:-1])) - 1) ** 0.5)
+  _check_sincos(
+    state_dict, "pos_embed", sincos_positions(shapes["encoder/class_embedding"][0], grid)
+  )
+  if "decoder_pos_embed" in state_dict and "decoder/mask_token" in shapes:
+    table = sincos_positions(shapes["decoder/mask_token"][0], grid)
+    _check_sincos(state_dict, "decoder_pos_embed", table)
+  return mapping.convert(
+    params,
+    state_dict,
+    _vlc_source_of(state_dict, shapes),
+    source="MAE checkpoint",
+    ignore_unused=lambda key: bool(_VLC_IGNORED.match(key)),
+    hints=_hints,
+  )

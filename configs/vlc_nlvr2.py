@@ -1,0 +1,35 @@
+"""VLC fine-tuned on NLVR2 (the reference's task_finetune_nlvr2_mae_randaug): two encoder
+passes per statement (token types 1 and 2), the pooled states concatenated -> MLP.
+
+  python train.py --config=configs/vlc_nlvr2.py:pretrained=/runs/vlc_pretrain \
+      --workdir=/runs/vlc_nlvr2 \
+      --config.data.vocab_file=/data/bert-base-uncased-vocab.txt \
+      --config.finetune.train=/data/nlvr2/train.json,images=/data/nlvr2/images/train \
+      --config.eval.data.nlvr2=/data/nlvr2/dev.json,images=/data/nlvr2/dev
+
+Evaluation writes accuracy and consistency (and the script's predictions file) under
+<workdir>/eval/; eval.py --tasks=nlvr2 --data.nlvr2=test1.json,... scores test-P.
+Not reproduced: RandAugment and dropout 0.1.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import vlc_vitb16, vlc_vqa
+from vlp_jax import config_lib
+
+# 20 epochs over NLVR2's 86,373 training statements at batch 128.
+NLVR2_STEPS = 13_500
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(
+    arg, pretrained="", steps=NLVR2_STEPS, batch_size=128, image_size=384, lr=1e-4
+  )
+  config = vlc_vitb16.get_config(f"image_size={args.image_size}")
+  config.unlock()
+  vlc_vqa.use_finetuning(config, "vlc_nlvr2", args)
+  config.eval.tasks = "nlvr2"
+  config.eval.every_steps = args.steps // 20  # Once an epoch, as the reference.
+  return config_lib.lock(config)

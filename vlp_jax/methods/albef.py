@@ -1,0 +1,475 @@
+"""ALBEF pretraining (Li et al., 2021): image-text contrast (ITA) with a momentum model
+and feature queues, image-text matching (ITM) on hard negatives, and masked language
+modelling (MLM) through the fusion layers, both distilled from the momentum model.
+
+One step, as the reference code orders it:
+  EMA update of the momentum encoders (before they run) -> online image tokens / feature
+  and text-only states / feature -> momentum features -> ITA over batch + queue with soft
+  targets alpha * softmax(momentum logits) + (1 - alpha) * one-hot -> ITM on [positive;
+  hard negative image per text; hard negative text per image] -> MLM: `select_mlm`
+  chooses the tokens, online and momentum models read the masked caption with their image
+  tokens, `mlm_feedback` sees the result -> enqueue the momentum features of the global
+  batch.
+
+Differences from the reference code, all deliberate:
+- Hard negatives are drawn from the GLOBAL batch (ALBEF draws within each GPU's batch),
+  and a caption identical to the row's own is never drawn as its negative.
+- Queue rows not yet written are left out of the softmax (ALBEF starts the queues with
+  random unit vectors).
+- The temperature clamp is a straight-through clamp in the forward pass (ALBEF clamps
+  the parameter in place before each step).
+
+Subclasses (CMask) choose the MLM tokens by overriding `select_mlm` and learn from the
+outcome in `mlm_feedback`; `init` and `param_labels` / `optimizer_groups` add their own
+parameters (params["agent"]) and optimizer group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlp_jax import losses, pretrained
+from vlp_jax.masking import text as text_masking
+from vlp_jax.methods import buffers
+from vlp_jax.methods.base import Batch, Extra, Method, MethodContext, Metrics, Params, PredictFn
+from vlp_jax.models.albef import MOMENTUM_PARTS, AlbefModel, create_albef_model
+
+# A logit no softmax weight survives (finite, so 0 * it stays 0 in the soft targets).
+_EXCLUDED = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class MlmChoice:
+  """What `select_mlm` decided: the encoder's input ids, the positions predicted, and
+  anything `mlm_feedback` needs later (e.g. an agent's log-probability)."""
+
+  inputs: jax.Array  # (B, T) int32: the caption with the chosen tokens replaced.
+  selected: jax.Array  # (B, T) bool: the positions the MLM loss is taken over.
+  aux: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlmPass:
+  """The MLM forward pass, for `mlm_feedback`: logits (B, T, V), the fusion layers'
+  information flow into every token (L, B, T) (models.fusion.information_flow), the
+  per-token cross-entropy (B, T) against the original ids, and the loss."""
+
+  logits: jax.Array
+  flows: jax.Array
+  token_loss: jax.Array
+  loss: jax.Array
+
+
+def ita_loss(
+  image_feat: jax.Array,
+  text_feat: jax.Array,
+  image_feat_m: jax.Array,
+  text_feat_m: jax.Array,
+  image_queue: buffers.FeatureQueue,
+  text_queue: buffers.FeatureQueue,
+  temperature: jax.Array,
+  alpha: jax.Array,
+) -> tuple[jax.Array, Metrics, jax.Array, jax.Array]:
+  """ALBEF's contrastive loss with momentum distillation, on unit features (B, E).
+
+  Each online image is scored against [momentum texts of the batch; text queue] (and
+  each text against the images alike), divided by the temperature; its targets are
+  alpha * softmax(the momentum image's scores) + (1 - alpha) * one-hot(own caption).
+  Returns (loss, metrics, i2t logits (B, B + Q), t2i logits (B, B + Q)).
+  """
+  rows = image_feat.shape[0]
+  allowed = jnp.concatenate([jnp.ones((rows,), bool), text_queue.valid()])
+  allowed_images = jnp.concatenate([jnp.ones((rows,), bool), image_queue.valid()])
+  text_all = jnp.concatenate([text_feat_m, text_queue.features.astype(text_feat_m.dtype)])
+  image_all = jnp.concatenate([image_feat_m, image_queue.features.astype(image_feat_m.dtype)])
+
+  def logits(queries: jax.Array, keys: jax.Array, valid: jax.Array) -> jax.Array:
+    return jnp.where(valid[None], queries @ keys.T / temperature, _EXCLUDED)
+
+  sim_i2t = logits(image_feat, text_all, allowed)
+  sim_t2i = logits(text_feat, image_all, allowed_images)
+  hard = jax.nn.one_hot(jnp.arange(rows), sim_i2t.shape[1], dtype=jnp.float32)
+  # The momentum scores use the same (online) temperature, behind stop_gradient.
+  soft_i2t = jax.nn.softmax(logits(image_feat_m, text_all, allowed), axis=-1)
+  soft_t2i = jax.nn.softmax(logits(text_feat_m, image_all, allowed_images), axis=-1)
+  targets_i2t, targets_t2i = jax.lax.stop_gradient(
+    (alpha * soft_i2t + (1 - alpha) * hard, alpha * soft_t2i + (1 - alpha) * hard)
+  )
+
+  def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits, axis=-1) * targets, axis=-1))
+
+  loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+  accuracy = jnp.mean((jnp.argmax(sim_i2t, axis=-1) == jnp.arange(rows)).astype(jnp.float32))
+  return loss, {"ita_loss": loss, "ita_i2t_accuracy": accuracy}, sim_i2t, sim_t2i
+
+
+def itm_negatives(
+  rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array, exclude: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """(negative image per text (B,), negative text per image (B,)), each drawn from
+  softmax(row of the batch logits) + 1e-4 with the positive and `exclude` (B, B) left
+  out, as ALBEF weights them (the 1e-4 keeps every other row possible)."""
+  rows = sim_i2t.shape[0]
+
+  def weights(sim: jax.Array) -> jax.Array:
+    probs = jax.nn.softmax(jax.lax.stop_gradient(sim[:, :rows]).astype(jnp.float32), axis=-1)
+    return jnp.log(probs + 1e-4)
+
+  image_rng, text_rng = jax.random.split(rng)
+  negative_images = losses.sample_negatives(image_rng, weights(sim_t2i), exclude)
+  negative_texts = losses.sample_negatives(text_rng, weights(sim_i2t), exclude)
+  return negative_images, negative_texts
+
+
+def alpha_at(step: jax.Array, alpha: float, ramp_steps: int) -> jax.Array:
+  """The distillation weight at `step` (0-based): alpha * min(1, step / ramp_steps), as
+  ALBEF's first epoch (iteration i of epoch 0: alpha * min(1, i / len(loader)))."""
+  if ramp_steps <= 0:
+    return jnp.asarray(alpha, jnp.float32)
+  return alpha * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / ramp_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Albef(Method):
+  """ALBEF's three losses over a momentum model and feature queues.
+
+  params = {"model": AlbefModel params}; extra = {"ema": momentum copies of
+  MOMENTUM_PARTS, "image_queue", "text_queue": FeatureQueue of momentum features}.
+  """
+
+  model: AlbefModel
+  specials: text_masking.TextSpecials
+  context_length: int
+  momentum: float = 0.995
+  queue_size: int = 65_536
+  alpha: float = 0.4
+  alpha_ramp_steps: int = 0  # 0: alpha from step 0.
+  mlm_probability: float = 0.15
+  mlm_replace: tuple[float, float, float] = (0.8, 0.1, 0.1)
+  ita_weight: float = 1.0
+  itm_weight: float = 1.0
+  mlm_weight: float = 1.0
+  init_specs: tuple[pretrained.InitSpec, ...] = ()
+  report_name: str = "vlp_jax-ALBEF"
+  name = "albef"
+
+  # ------------------------------------------------------------ jitted
+
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    size = self.model.visual.image_size
+    return {
+      "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+      "tokens": jax.ShapeDtypeStruct((batch_size, self.context_length), jnp.int32),
+    }
+
+  def init(self, rng: jax.Array) -> tuple[Params, Extra]:
+    size = self.model.visual.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.uint8)
+    tokens = jnp.zeros((1, self.context_length), jnp.int32)
+    model_params = self.model.init(rng, images, tokens)["params"]
+    dim = self.model.embed_dim
+    extra = {
+      # ALBEF's copy_params: the momentum model starts equal to the online one.
+      "ema": jax.tree.map(jnp.copy, {k: model_params[k] for k in MOMENTUM_PARTS}),
+      "image_queue": buffers.FeatureQueue.create(self.queue_size, dim),
+      "text_queue": buffers.FeatureQueue.create(self.queue_size, dim),
+    }
+    return {"model": model_params}, extra
+
+  def _apply(self, params: Params, *args: Any, method: Callable) -> Any:
+    return self.model.apply({"params": params}, *args, method=method)
+
+  def loss(
+    self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
+  ) -> tuple[jax.Array, tuple[Metrics, Extra]]:
+    online = params["model"]
+    images, tokens = batch["image"], batch["tokens"]
+    mask = tokens != self.model.text.pad_id
+    itm_rng, mlm_rng = jax.random.split(rng)
+    alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
+    temperature = self._apply(online, method=AlbefModel.temperature)
+
+    # The momentum model moves first, then runs (ALBEF's _momentum_update in no_grad).
+    ema = buffers.ema_update(extra["ema"], {k: online[k] for k in MOMENTUM_PARTS}, self.momentum)
+    momentum = jax.lax.stop_gradient({**online, **ema})
+
+    image_tokens, image_feat = self._apply(online, images, method=AlbefModel.encode_image)
+    text_states, text_feat = self._apply(online, tokens, method=AlbefModel.encode_text)
+    choice = self.select_mlm(
+      params,
+      extra,
+      batch,
+      mlm_rng,
+      step,
+      jax.lax.stop_gradient(text_states),
+      jax.lax.stop_gradient(image_tokens),
+    )
+    # Momentum passes: the caption and the masked caption through the text-only layers
+    # at once (one program of twice the rows compiles and runs faster than two).
+    image_tokens_m, image_feat_m = self._apply(momentum, images, method=AlbefModel.encode_image)
+    both = jnp.concatenate([tokens, choice.inputs])
+    states_m, text_feat_m = self._apply(
+      momentum, both, jnp.concatenate([mask, mask]), method=AlbefModel.encode_text
+    )
+    rows = tokens.shape[0]
+    image_tokens_m, image_feat_m, text_feat_m, masked_states_m = jax.lax.stop_gradient(
+      (image_tokens_m, image_feat_m, text_feat_m[:rows], states_m[rows:])
+    )
+
+    ita, ita_metrics, sim_i2t, sim_t2i = ita_loss(
+      image_feat,
+      text_feat,
+      image_feat_m,
+      text_feat_m,
+      extra["image_queue"],
+      extra["text_queue"],
+      temperature,
+      alpha,
+    )
+    negative_images, negative_texts = self.draw_negatives(itm_rng, tokens, sim_i2t, sim_t2i)
+    masked_states, _ = self._apply(online, choice.inputs, mask, method=AlbefModel.encode_text)
+    itm_logits, mlm_logits, flows = self.fused_heads(
+      online, text_states, masked_states, mask, image_tokens, negative_images, negative_texts
+    )
+    labels = jnp.concatenate([jnp.ones((rows,), jnp.int32), jnp.zeros((2 * rows,), jnp.int32)])
+    itm, itm_metrics = losses.itm_loss(itm_logits, labels)
+    fused_m, _ = self._apply(
+      momentum, masked_states_m, mask, image_tokens_m, method=AlbefModel.fuse
+    )
+    mlm_logits_m = self._apply(momentum, fused_m, method=AlbefModel.mlm_logits)
+    mlm = self._mlm(mlm_logits, mlm_logits_m, flows, tokens, choice.selected, alpha)
+
+    new_extra = {
+      **extra,
+      "ema": ema,
+      # The global batch in row order: the same queue however the batch is sharded.
+      "image_queue": extra["image_queue"].enqueue(image_feat_m),
+      "text_queue": extra["text_queue"].enqueue(text_feat_m),
+    }
+    aux_loss, feedback_metrics, new_extra = self.mlm_feedback(
+      params, new_extra, batch, step, choice, mlm
+    )
+    loss = self.ita_weight * ita + self.itm_weight * itm + self.mlm_weight * mlm.loss + aux_loss
+    mlm_accuracy = jnp.sum((jnp.argmax(mlm.logits, -1) == tokens) & choice.selected) / jnp.maximum(
+      jnp.sum(choice.selected), 1
+    )
+    metrics = {
+      "loss": loss,
+      **ita_metrics,
+      "itm_loss": itm,
+      **itm_metrics,
+      "mlm_loss": mlm.loss,
+      "mlm_accuracy": mlm_accuracy,
+      "mlm_ratio": jnp.sum(choice.selected) / jnp.maximum(jnp.sum(mask), 1),
+      "temperature": temperature,
+      "alpha": alpha,
+      "queue_filled": extra["image_queue"].filled,
+      **feedback_metrics,
+    }
+    return loss, (metrics, new_extra)
+
+  def draw_negatives(
+    self, rng: jax.Array, tokens: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """(hard negative image per text, hard negative text per image), (B,) each, from the
+    ITA logits of the global batch (online features against the batch's momentum
+    features, as ALBEF)."""
+    # A caption identical to the row's own would be a positive, not a negative.
+    same_caption = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+    return itm_negatives(rng, sim_i2t, sim_t2i, same_caption)
+
+  def fused_heads(
+    self,
+    online: Params,
+    text_states: jax.Array,
+    masked_states: jax.Array,
+    mask: jax.Array,
+    image_tokens: jax.Array,
+    negative_images: jax.Array,
+    negative_texts: jax.Array,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pass of the fusion layers over [pairs; (text, its negative image); (negative
+    text, image); (masked caption, image)]: (ITM logits (3B, 2), MLM logits (B, T, V),
+    the MLM rows' information flows (L, B, T))."""
+    rows = text_states.shape[0]
+    states = jnp.concatenate([text_states, text_states, text_states[negative_texts], masked_states])
+    masks = jnp.concatenate([mask, mask, mask[negative_texts], mask])
+    images = jnp.concatenate(
+      [image_tokens, image_tokens[negative_images], image_tokens, image_tokens]
+    )
+    fused, flows = self._apply(online, states, masks, images, method=AlbefModel.fuse)
+    itm_logits = self._apply(online, fused[: 3 * rows], method=AlbefModel.itm_logits)
+    mlm_logits = self._apply(online, fused[3 * rows :], method=AlbefModel.mlm_logits)
+    return itm_logits, mlm_logits, flows[:, 3 * rows :]
+
+  def _mlm(
+    self,
+    logits: jax.Array,
+    logits_m: jax.Array,
+    flows: jax.Array,
+    tokens: jax.Array,
+    selected: jax.Array,
+    alpha: jax.Array,
+  ) -> MlmPass:
+    """Hard targets mixed with the momentum model's probabilities (ALBEF's soft labels)."""
+    soft = jax.nn.softmax(jax.lax.stop_gradient(logits_m).astype(jnp.float32), axis=-1)
+    loss, _ = losses.mlm_loss(logits, tokens, selected, soft, alpha)
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
+    return MlmPass(logits, flows, token_loss, loss)
+
+  # ---------------------------------------------------------------- hooks (CMask)
+
+  def select_mlm(
+    self,
+    params: Params,
+    extra: Extra,
+    batch: Batch,
+    rng: jax.Array,
+    step: jax.Array,
+    text_states: jax.Array,
+    image_tokens: jax.Array,
+  ) -> MlmChoice:
+    """The tokens to mask. ALBEF: each token but pad and [CLS] with probability
+    mlm_probability, replaced 80/10/10 by [MASK] / a random id / itself.
+
+    `text_states` (B, T, W) are the online model's text-only states of the unmasked
+    caption and `image_tokens` (B, N, Wi) its image tokens, both behind stop_gradient:
+    what a masking agent looks at."""
+    del params, extra, step, text_states, image_tokens
+    inputs, selected = text_masking.mask_text(
+      rng, batch["tokens"], self.specials, self.mlm_probability, probs=self.mlm_replace
+    )
+    return MlmChoice(inputs, selected)
+
+  def mlm_feedback(
+    self,
+    params: Params,
+    extra: Extra,
+    batch: Batch,
+    step: jax.Array,
+    choice: MlmChoice,
+    mlm: MlmPass,
+  ) -> tuple[jax.Array, Metrics, Extra]:
+    """After the MLM pass: (a loss added to the total, metrics, the next extra state).
+    ALBEF: nothing. A masking agent computes its reward from `mlm.flows` here."""
+    del params, batch, step, choice, mlm
+    return jnp.zeros((), jnp.float32), {}, extra
+
+  # ---------------------------------------------------------------- evaluation
+
+  def predict_fns(self) -> dict[str, PredictFn]:
+    """ITA embeddings for every retrieval / compositional task, and the ITM pair score
+    for ALBEF's re-ranked retrieval (evaluation.rerank)."""
+    model = self.model
+
+    def apply(params: Params, *args: Any, method: Callable) -> Any:
+      return model.apply({"params": params["model"]}, *args, method=method)
+
+    def embed_image(params: Params, images: jax.Array) -> jax.Array:
+      return apply(params, images, method=AlbefModel.encode_image)[1]
+
+    def embed_text(params: Params, tokens: jax.Array) -> jax.Array:
+      return apply(params, tokens, method=AlbefModel.encode_text)[1]
+
+    def match_image(params: Params, images: jax.Array) -> jax.Array:
+      return apply(params, images, method=AlbefModel.encode_image)[0]
+
+    def match_score(params: Params, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
+      states, _ = apply(params, tokens, method=AlbefModel.encode_text)
+      fused, _ = apply(
+        params, states, tokens != model.text.pad_id, image_tokens, method=AlbefModel.fuse
+      )
+      # The "matched" logit, as ALBEF's retrieval ranks by itm_head(...)[:, 1].
+      return apply(params, fused, method=AlbefModel.itm_logits)[:, 1].astype(jnp.float32)
+
+    return {
+      "embed_image": embed_image,
+      "embed_text": embed_text,
+      "match_image": match_image,
+      "match_score": match_score,
+    }
+
+  # ------------------------------------------------------------ host
+
+  def pretrained_params(self, gather: Callable[[], Params]) -> Params | None:
+    if not self.init_specs:
+      return None
+    params = gather()
+    return {**params, "model": pretrained.load(list(self.init_specs), params["model"])}
+
+  @property
+  def model_name(self) -> str:
+    return self.report_name
+
+
+def _epoch_steps(ctx: MethodContext) -> int:
+  """Steps in one epoch of the training sets (the run's length where none are given)."""
+  if not ctx.train_sets:
+    return ctx.total_steps
+  records = sum(len(grain.sources.ArrayRecordDataSource(list(s.shards))) for s in ctx.train_sets)
+  return max(1, records // ctx.config.batch_size)
+
+
+def check_config(ctx: MethodContext) -> None:
+  """ValueError naming a config key ALBEF cannot honour."""
+  config = ctx.config
+  if config.batch_size <= 0 or config.albef.queue_size % config.batch_size:
+    raise ValueError(
+      f"config.albef.queue_size={config.albef.queue_size} must be a multiple of "
+      f"config.batch_size={config.batch_size} (each step enqueues the global batch)"
+    )
+  if config.masking.kind != "none":
+    raise ValueError(f"config.masking.kind={config.masking.kind!r}: ALBEF masks no patches")
+  if config.grad_accum_steps != 1:
+    raise ValueError("config.grad_accum_steps: ALBEF's queues and negatives need 1")
+  if config.peft.preset != "all" or config.peft.image or config.peft.text:
+    raise ValueError("config.peft: ALBEF trains every parameter (preset 'all')")
+  if config.model.init:
+    raise ValueError(
+      "config.model.init: ALBEF loads towers (config.model.image.init, "
+      "config.model.text.init=hf_bert:DIR) or a run (config.init_from)"
+    )
+  if sum(config.albef.mlm_replace) > 1 + 1e-6:
+    raise ValueError(f"config.albef.mlm_replace={config.albef.mlm_replace} sums to more than 1")
+
+
+def create(ctx: MethodContext, **overrides: Any) -> Albef:
+  """The method from config.model and config.albef (ValueError naming a bad key).
+
+  `overrides` replace fields (a subclass, e.g. CMask, passes cls= and its own)."""
+  config, albef = ctx.config, ctx.config.albef
+  check_config(ctx)
+  specials = text_masking.text_specials(ctx.tokenizer, ("pad_id", "cls_id"))
+  model = create_albef_model(config.model, albef, ctx.tokenizer.vocab_size, ctx.tokenizer.pad_id)
+  specs = tuple(pretrained.parse_specs(config, check_paths=False))
+  for spec in specs:
+    if spec.kind == "text" and spec.source != "hf_bert":
+      raise ValueError(f"{spec.key}: ALBEF's text encoder loads from hf_bert:<model dir>")
+  image = config.model.image
+  fields = dict(
+    model=model,
+    specials=specials,
+    context_length=ctx.tokenizer.context_length,
+    momentum=albef.momentum,
+    queue_size=albef.queue_size,
+    alpha=albef.alpha,
+    alpha_ramp_steps=albef.alpha_ramp_steps or _epoch_steps(ctx),
+    mlm_probability=albef.mlm_probability,
+    mlm_replace=tuple(albef.mlm_replace),
+    ita_weight=albef.ita_weight,
+    itm_weight=albef.itm_weight,
+    mlm_weight=albef.mlm_weight,
+    init_specs=specs,
+    report_name=f"vlp_jax-ALBEF-ViT-{image.variant}-{image.image_size}px",
+  )
+  fields.update(overrides)
+  cls = fields.pop("cls", Albef)
+  return cls(**fields)

@@ -1,0 +1,99 @@
+"""Cross-attention from text to image tokens: ALBEF's fusion layers and CMask's agent.
+
+A FusionLayer is a BERT layer (models.bert.BertLayer, same parameter names) with
+cross-attention between its self-attention and its feed-forward half, laid out like
+Hugging Face's `crossattention` block so a checkpoint that has one maps one to one:
+
+  cross_query, cross_key, cross_value, cross_output, cross_ln
+
+Each layer also returns the information flow from the image into every text token:
+the norm of the attention-weighted, value-projected image tokens, ||sum_j A[i, j] v_j||
+over all heads (Kobayashi et al., 2020: attention weights alone overstate tokens with
+small values). CMask's agent is rewarded with it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.models.bert import BertLayer
+from vlp_jax.models.layers import NO_TUNING, Tuning, with_remat
+
+
+def information_flow(attention: jax.Array, values: jax.Array) -> jax.Array:
+  """||concat_h sum_j attention[b, h, i, j] values[b, j, h]|| per text token: (B, T).
+
+  attention (B, H, T, N) are softmax weights over the N image tokens, values
+  (B, N, H, D) the value-projected image tokens.
+  """
+  context = jnp.einsum("bhtn,bnhd->bthd", attention.astype(jnp.float32), values.astype(jnp.float32))
+  return jnp.sqrt(jnp.sum(jnp.square(context), axis=(-2, -1)))
+
+
+class FusionLayer(BertLayer):
+  """LN(x + self-attn(x)) -> LN(h + cross-attn(h, image)) -> LN(. + ffn(.)).
+
+  Returns (text states (B, T, W), information flow (B, T)). The image tokens (B, N, Wi)
+  may be wider or narrower than the text (ALBEF: ViT width = BERT width, both 768).
+  """
+
+  def cross_attention(self, x: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+    batch, length, width = x.shape
+    q = self._heads(x, "cross_query", width)
+    k = self._heads(image, "cross_key", width)
+    v = self._heads(image, "cross_value", width)
+    # Explicit softmax (not the fused kernel): the flow needs the weights, and with a
+    # few dozen text tokens the (T, N) matrix is small.
+    scale = (width // self.num_heads) ** -0.5
+    logits = jnp.einsum("bthd,bnhd->bhtn", q, k).astype(jnp.float32) * scale
+    attention = jax.nn.softmax(logits, axis=-1)
+    context = jnp.einsum("bhtn,bnhd->bthd", attention.astype(self.dtype), v)
+    h = self._dense(width, "cross_output")(context.reshape(batch, length, width))
+    return self._ln("cross_ln")(h + x), information_flow(attention, v)
+
+  @nn.compact
+  def __call__(  # type: ignore[override]
+    self, x: jax.Array, mask: jax.Array, image: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """x (B, T, W), mask (B, T) true at attendable text tokens, image (B, N, Wi)."""
+    x, flow = self.cross_attention(self.self_attention(x, mask), image)
+    return self.feed_forward(x), flow
+
+
+class FusionEncoder(nn.Module):
+  """FusionLayers named layer_<first>..layer_<first + depth - 1>, as the upper part of a
+  BERT whose lower layers are text-only (ALBEF: layers 6-11 of BERT-base).
+
+  Returns (text states, flows (depth, B, T)).
+  """
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  first: int = 0
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  remat: bool | str = "none"
+  dtype: jnp.dtype = jnp.float32
+  tuning: Tuning = NO_TUNING
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, mask: jax.Array, image: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    layer_cls = with_remat(FusionLayer, self.remat)
+    flows = []
+    for i in range(self.first, self.first + self.depth):
+      x, flow = layer_cls(
+        self.num_heads,
+        self.mlp_dim,
+        self.activation,
+        self.layer_norm_eps,
+        self.dtype,
+        self.tuning,
+        name=f"layer_{i}",
+      )(x, mask, image)
+      flows.append(flow)
+    return x, jnp.stack(flows)
