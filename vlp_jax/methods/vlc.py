@@ -169,7 +169,9 @@ def layerwise_lr_decay_labels(params: Params, depth: int, decay: float) -> tuple
   parameter's learning-rate multiplier decay ** (depth + 1 - layer) (layer 0 the
   embeddings, i + 1 encoder block i, depth + 1 everything above: multiplier 1)."""
   ids = jax.tree.map(
-    lambda path: _layer_id(path, depth), _paths(params), is_leaf=lambda x: isinstance(x, tuple)
+    lambda path: _layer_id(path, depth),
+    _paths(params),
+    is_leaf=lambda x: type(x) is tuple,  # Not optax's NamedTuple leaves.
   )
   scales = jax.tree.map(lambda i: float(decay ** (depth + 1 - i)), ids)
   return jax.tree.map(lambda _: LAYERWISE, ids), scales
