@@ -147,10 +147,13 @@ def main() -> None:
     sys.exit(f"--variants: {unknown} not in {sorted(VARIANTS)}")
   flags = [f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
   flags += ["--smoke"] if args.smoke else []
-  results = {n: common.run_isolated(__file__, [*flags, f"--only={n}"]) for n in names}
-  for r in results.values():
+  results = {}
+  for name in names:
+    r = results[name] = common.run_isolated(__file__, [*flags, f"--only={name}"])
     r["median_s"] = common.median(r["times"])
     r["flop_per_s"] = r["flops_per_step"] / r["median_s"] if r["flops_per_step"] else None
+    # At once: a later variant that dies (out of memory on a shared machine) loses the rest.
+    print(f"{name}: {r['times']} s, {(r['flops_per_step'] or 0) / 1e9:.1f} GFLOP", flush=True)
   clip = results["clip"]
   size = "tiny (--smoke)" if args.smoke else "B/16"
   print(f"{size}, batch {args.batch_size}, {args.steps} timed steps, {os.cpu_count()} CPUs")

@@ -169,3 +169,15 @@ def write_json(path: str, payload: dict) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=2)
   print(f"wrote {path}")
+
+
+def available_host_memory() -> int | None:
+  """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None

@@ -35,10 +35,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 512  # Joint embedding width.
   config.model.activation = "gelu"  # "gelu" (exact) or "quick_gelu" (OpenAI CLIP).
-  config.model.dtype = "float32"  # Compute dtype; params stay float32. "bfloat16" on TPU/GPU.
+  # Compute dtype; params stay float32 (master weights), logits, softmax, layer-norm
+  # statistics and losses are float32. "auto": bfloat16 on GPU/TPU, float32 on CPU.
+  config.model.dtype = "auto"
+  # Attention kernel: "auto" (cuDNN flash attention on NVIDIA GPUs where dtype and head
+  # size allow, XLA elsewhere), "xla", or "cudnn" (fails before compute where it cannot run).
+  config.model.attention = "auto"
   # Activation rematerialisation: "none", "full" (recompute blocks: least memory) or
   # "dots" (keep matmul outputs, recompute elementwise ops).
   config.model.remat = "none"
+  # One nn.scan over each CLIP tower's blocks (the ViT and the causal text tower; parameters
+  # stacked under "resblocks", leading axis = depth): compile time no longer grows with
+  # depth; remat still applies per block. Checkpoints, init_from and weight import/export
+  # convert between layouts. A BERT text tower, ALBEF / CMask and VLC stay unrolled
+  # (not applied); peft modes that treat blocks differently (unlock_last) are refused.
+  config.model.scan_layers = False
   # A whole pretrained CLIP ("open_clip:PATH", "hf_clip:PATH" or a converted directory),
   # loaded when the workdir has no checkpoint yet; the tower inits below override its parts.
   config.model.init = ""
@@ -214,6 +225,12 @@ def base_config() -> ml_collections.ConfigDict:
   # 15 drawn captions) and the ITM loss weight beside the rank loss (VLC: 0.5, ITM head frozen).
   config.finetune.num_negatives = 15
   config.finetune.itm_weight = 0.5
+  # Retrieval evaluation (itm_retrieval): the dual encoder whose shortlist_k nearest
+  # candidates per query the rank head re-ranks, a CLIP run's workdir or a converted CLIP
+  # directory (python -m vlp_jax.weights.convert); a true match outside the shortlist is
+  # a miss. "": the rank head scores every pair (VLC's compute_irtr_recall; small sets).
+  config.finetune.shortlist = ""
+  config.finetune.shortlist_k = 128
   config.finetune.label_smoothing = 0.1  # Classify (MAE's fine-tuning recipe).
   # The generated sets ("builtin"): VQA images (3 questions each) or NLVR2 statement
   # pairs of the training and evaluation splits, their rendered size and seed.
@@ -222,6 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.finetune.builtin.num_eval = 300
   config.finetune.builtin.image_size = 64
   config.finetune.builtin.seed = 0
+  # NLVR2 statement kinds (comma list of more, both_colour, contains, fewer_shapes, total:
+  # input_pipeline/builtin_tasks.py); "": all of them.
+  config.finetune.builtin.nlvr2_statements = ""
   # Split each global batch into this many microbatches, with negatives shared across the
   # whole batch (features are cached, then each microbatch is re-run with gradients).
   config.grad_accum_steps = 1
@@ -402,6 +422,7 @@ RULES: dict[str, Rule] = {
   "finetune.head_lr_multiplier": positive(),
   "finetune.crop_scale": fraction_interval(),  # None: the whole image.
   "finetune.num_negatives": at_least(1),  # < batch_size: methods/vlc_tasks.py.
+  "finetune.shortlist_k": at_least(1),
   "finetune.itm_weight": at_least(0),
   "finetune.label_smoothing": in_range(0, 1, include_high=False),
   "finetune.builtin.num_train": at_least(2),

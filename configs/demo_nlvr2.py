@@ -26,8 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lr_decay=0.8,
     num_train=2000,
     num_eval=300,
+    statements="",
   )
   config = demo.get_config("method=vlc")
   config.unlock()
   demo_vqa.use_finetuning(config, "vlc_nlvr2", "nlvr2", args)
+  # Statement kinds of the generated set (config.finetune.builtin.nlvr2_statements), e.g.
+  # "both_colour": colour statements only, no counting or comparing; "": every kind.
+  config.finetune.builtin.nlvr2_statements = args.statements
   return config_lib.lock(config)

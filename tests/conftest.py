@@ -1,14 +1,27 @@
 """Test setup: 8 simulated CPU devices, small configs, a shared tiny built-in dataset."""
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the session, its pytest-xdist workers and the
+# train.py subprocesses the tests start: many tests compile the same tiny programs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix="vlp_jax_tests_xla_")
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  # A size bound turns on the cache's file lock, so concurrent workers never read a
+  # half-written entry.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

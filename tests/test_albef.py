@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.runs import compilation_cache, logged_losses, wait_for_logged_step
-from vlp_jax import experiment, sharding
+from vlp_jax import experiment, losses, sharding
 from vlp_jax.evaluation import rerank, retrieval
 from vlp_jax.methods import MethodContext, albef, buffers
 from vlp_jax.models.albef import MOMENTUM_PARTS, AlbefModel
@@ -123,6 +123,87 @@ def test_rerank_puts_candidates_first_in_score_order_then_the_rest_by_index():
   # Row 2: a tie between candidates 4 and 1 goes to the lower index (1). Row 3: key 3 is
   # no candidate: after both candidates and keys 0 and 2.
   assert rerank.reranked_positions(candidates, scores, targets).tolist() == [1, 0, 1, 4]
+
+
+def test_mlm_loss_on_gathered_positions_equals_the_full_loss():
+  rng = np.random.default_rng(0)
+  rows, length, vocab = 4, 7, 11
+  logits = jnp.asarray(rng.normal(size=(rows, length, vocab)), jnp.float32)
+  soft = jax.nn.softmax(jnp.asarray(rng.normal(size=(rows, length, vocab)), jnp.float32))
+  targets = jnp.asarray(rng.integers(0, vocab, (rows, length)), jnp.int32)
+  selected = rng.random((rows, length)) < 0.3
+  selected[0, 0] = True  # Position 0 is also the padding entries' position: must not leak.
+  count = int(selected.sum())
+  full, full_metrics = losses.mlm_loss(logits, targets, jnp.asarray(selected), soft, 0.4)
+
+  def gathered(capacity):
+    positions, kept = losses.masked_positions(jnp.asarray(selected), capacity)
+    take = lambda x: albef.gather_rows(x, positions)  # noqa: E731
+    return positions, kept, losses.mlm_loss(take(logits), take(targets), kept, take(soft), 0.4)
+
+  for capacity in (count, count + 5):  # Every selected position kept: the same loss.
+    positions, kept, (loss, metrics) = gathered(capacity)
+    assert int(kept.sum()) == count
+    np.testing.assert_array_equal(np.asarray(positions)[:count], np.flatnonzero(selected))
+    np.testing.assert_allclose(float(loss), float(full), rtol=1e-6)
+    np.testing.assert_allclose(metrics["mlm_accuracy"], full_metrics["mlm_accuracy"], rtol=1e-6)
+    # Scattered back, the kept positions are exactly the selected ones.
+    back = albef.scatter_rows(kept, positions, kept, (rows, length))
+    np.testing.assert_array_equal(np.asarray(back), selected)
+  # A cap below the count keeps the first `capacity` in row-major order (BERT's
+  # max_predictions_per_seq): the loss over just those.
+  _, kept, (loss, _) = gathered(count - 2)
+  first = np.zeros(rows * length, bool)
+  first[np.flatnonzero(selected)[: count - 2]] = True
+  expected, _ = losses.mlm_loss(
+    logits, targets, jnp.asarray(first.reshape(rows, length)), soft, 0.4
+  )
+  assert int(kept.sum()) == count - 2
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+
+def test_mlm_capacity_covers_albef_and_cmask_masking():
+  method = build_method(tiny_albef_config())
+  # Bernoulli(0.15) over 8 x 30 positions: mean 36, sd 5.5, the cap mean + 6 sd.
+  assert method.mlm_capacity(8, 30) == 70
+  tokens = jnp.asarray(random_batch()["tokens"])
+
+  def count(key):
+    choice = method.select_mlm(None, None, {"tokens": tokens}, key, 0, None, None)
+    return jnp.sum(choice.selected)
+
+  counts = jax.jit(jax.vmap(count))(jax.random.split(jax.random.PRNGKey(0), 500))
+  assert int(counts.max()) <= method.mlm_capacity(*tokens.shape)
+
+
+def test_fusion_with_image_index_equals_fusion_on_copied_images(initial_state):
+  model = build_method(tiny_albef_config()).model
+  params = initial_state[0]["model"]
+  call = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+  batch = random_batch()
+  image_tokens, _ = call(batch["image"], method=AlbefModel.encode_image)
+  states, _ = call(batch["tokens"], method=AlbefModel.encode_text)
+  mask = batch["tokens"] != 0
+  index = jnp.asarray([3, 0, 0, 7, 1, 2, 2, 5], jnp.int32)
+
+  def fused(image_tokens, copied):
+    if copied:  # Each row's image materialised, as the reference fuses.
+      return call(states, mask, image_tokens[index], method=AlbefModel.fuse)
+    return call(states, mask, image_tokens, index, method=AlbefModel.fuse)
+
+  (copied, copied_flow), (indexed, indexed_flow) = (
+    fused(image_tokens, True),
+    fused(image_tokens, False),
+  )
+  np.testing.assert_allclose(indexed, copied, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(indexed_flow, copied_flow, rtol=1e-5, atol=1e-6)
+
+  # The gradient into an image sums over every row that read it (image 4 and 6: none).
+  def grad(copied):
+    return jax.grad(lambda i: jnp.sum(fused(i, copied)[0] ** 2))(image_tokens)
+
+  np.testing.assert_allclose(grad(False), grad(True), rtol=1e-4, atol=1e-6)
+  assert not np.asarray(grad(False))[[4, 6]].any()
 
 
 def test_hf_bert_checkpoint_loads_albef_text_encoder_with_random_cross_attention():
@@ -303,6 +384,7 @@ def test_one_step_matches_numpy_reference_with_queue_ema_and_distillation(initia
   for key, value in parts.items():
     np.testing.assert_allclose(float(metrics[key]), value, rtol=2e-5, err_msg=key)
   assert float(metrics["temperature"]) == pytest.approx(0.07)
+  assert int(metrics["mlm_dropped"]) == 0  # The head saw every selected position.
 
   # The EMA moved first and the momentum features came from the moved copies: the old
   # copies give another ITA loss.
@@ -344,7 +426,7 @@ def test_loss_on_a_2x2x2_mesh_equals_one_device(monkeypatch, initial_state):
   monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 256)  # Shard the tiny tensors too.
   config = tiny_albef_config()
   batch = random_batch()
-  losses = {}
+  results = {}
   for axes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     devices = jax.devices()[: int(np.prod(list(axes.values())))]
     mesh = sharding.create_mesh(axes, devices)
@@ -364,9 +446,9 @@ def test_loss_on_a_2x2x2_mesh_equals_one_device(monkeypatch, initial_state):
     loss, (_, new_extra) = loss_fn(
       params, extra, sharding.host_to_global(batch, mesh), jax.random.PRNGKey(1), jnp.int32(3)
     )
-    losses[len(devices)] = (float(loss), np.asarray(new_extra["image_queue"].features))
-  np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=1e-5)
-  np.testing.assert_allclose(losses[8][1], losses[1][1], rtol=1e-5, atol=1e-6)
+    results[len(devices)] = (float(loss), np.asarray(new_extra["image_queue"].features))
+  np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
+  np.testing.assert_allclose(results[8][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- through the trainer

@@ -1,6 +1,9 @@
 """Checkpoints: orbax manager, save and restore of state and data iterator, params from
 other runs.
 
+A checkpoint whose transformer blocks are in the other layout (unrolled resblocks_<i> vs
+stacked for config.model.scan_layers) restores converted to the config's layout.
+
 A restore tells a damaged checkpoint (unreadable: moved aside, the next older one tried)
 from one another config wrote (other shapes or parameters: an error listing them, nothing
 moved). A failed save (e.g. a full disk) stops the run with one line naming the directory
@@ -30,6 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlp_jax.config_lib import ConfigError, UserError
+from vlp_jax.models.layers import has_stacked_blocks, stack_blocks, unstack_blocks
 
 STATE_ITEM, DATA_ITEM = "state", "data"
 _MAX_LISTED_DIFFERENCES = 8
@@ -81,17 +85,15 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
   return f"{type(error).__name__}: {line[:limit]}"
 
 
-def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
-  """How the state saved at `step` differs from `abstract_state` (what this config builds):
-  one line per array whose shape differs or that only one of them has, [] when they match.
-
-  Reads only the checkpoint's metadata (no arrays), so eval can report a mismatch before
-  any compute. Raises whatever orbax raises when that metadata is unreadable (damaged).
-  """
+def _saved_arrays(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """Path -> array metadata of the state saved at `step` (reads no arrays)."""
   metadata = ocp.StandardCheckpointHandler().metadata(
     epath.Path(_step_dir(manager, step)) / STATE_ITEM
   )
-  saved = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(metadata.tree).items()}
+  return {"/".join(k): v for k, v in ocp.tree.to_flat_dict(metadata.tree).items()}
+
+
+def _differences(saved: dict[str, Any], abstract_state: Any) -> list[str]:
   wanted = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(abstract_state).items()}
   differences = []
   for key, leaf in wanted.items():  # In the state's order: parameters before optimizer.
@@ -102,6 +104,58 @@ def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any
       differences.append(f"{key}: checkpoint {tuple(saved[key].shape)}, config {shape}")
   differences += [f"{key}: only in the checkpoint" for key in saved if key not in wanted]
   return differences
+
+
+def _other_layout(abstract_state: Any) -> Any | None:
+  """`abstract_state` with its transformer blocks in the other layout (scanned <->
+  unrolled), or None when it has none that could be."""
+  try:
+    if has_stacked_blocks(abstract_state):
+      return unstack_blocks(abstract_state)
+    other = stack_blocks(abstract_state)
+  except ValueError:  # Blocks of different shapes: never scanned.
+    return None
+  return other if has_stacked_blocks(other) else None
+
+
+def _saved_layout(
+  saved: dict[str, Any], abstract_state: Any, prefix: str = ""
+) -> tuple[Any, list[str]]:
+  """(`abstract_state` in the layout of the checkpoint's blocks, the differences of the
+  arrays under `prefix` that remain): the config's layout unless only the other one fits."""
+  differences = [d for d in _differences(saved, abstract_state) if d.startswith(prefix)]
+  other = _other_layout(abstract_state) if differences else None
+  if other is not None and not [d for d in _differences(saved, other) if d.startswith(prefix)]:
+    return other, []
+  return abstract_state, differences
+
+
+def _convert_layout(tree: Any, abstract_tree: Any) -> Any:
+  """`tree` (restored in the checkpoint's layout) in `abstract_tree`'s layout and
+  shardings (one jitted copy)."""
+  convert = stack_blocks if has_stacked_blocks(abstract_tree) else unstack_blocks
+  leaves = jax.tree.leaves(abstract_tree)
+  shardings = None
+  if all(getattr(leaf, "sharding", None) is not None for leaf in leaves):
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_tree)
+  converted = jax.jit(convert, out_shardings=shardings)(tree)
+  if jax.tree.structure(converted) != jax.tree.structure(abstract_tree):
+    raise CheckpointMismatchError(
+      "the checkpoint's transformer blocks cannot be converted to this config's layout "
+      "(config.model.scan_layers): use the value the run was started with"
+    )
+  return converted
+
+
+def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
+  """How the state saved at `step` differs from `abstract_state` (what this config builds):
+  one line per array whose shape differs or that only one of them has, [] when they match.
+  Blocks saved in the other layout (config.model.scan_layers) match: restore converts them.
+
+  Reads only the checkpoint's metadata (no arrays), so eval can report a mismatch before
+  any compute. Raises whatever orbax raises when that metadata is unreadable (damaged).
+  """
+  return _saved_layout(_saved_arrays(manager, step), abstract_state)[1]
 
 
 def require_match(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
@@ -132,8 +186,28 @@ def restore_state(
 
   Fields of a dataclass state that hold no arrays and that the checkpoint lacks (the
   empty `extra` of a method without extra state, in checkpoints written before
-  TrainState had it) keep their empty values, so older runs still resume.
+  TrainState had it) keep their empty values, so older runs still resume. Blocks saved
+  in the other layout (unrolled vs config.model.scan_layers) are converted to the
+  config's, parameters and optimizer moments alike.
   """
+  target, _ = _saved_layout(_saved_arrays(manager, step), abstract_state)
+  restored = _restore_exact(manager, step, target, data_iterator)
+  if target is abstract_state:
+    return restored
+  logging.info(
+    "Checkpoint %s holds its transformer blocks %s: converted to this config's layout",
+    _step_dir(manager, step),
+    "stacked (scanned)" if has_stacked_blocks(target) else "unrolled",
+  )
+  return _convert_layout(restored, abstract_state)
+
+
+def _restore_exact(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_state: Any,
+  data_iterator: grain.DatasetIterator | None,
+) -> Any:
   absent = _absent_empty_fields(manager, step, abstract_state)
   target = abstract_state
   if absent:
@@ -249,10 +323,12 @@ def load_params(run_or_checkpoints: str, abstract_state: Any) -> Any:
     step = other.latest_step()
     if step is None:
       raise ConfigError(f"config.init_from: no checkpoint in {directory!r}")
-    differences = check_matches(other, step, abstract_state)
-    if params_differ := [d for d in differences if d.startswith("params/")]:
+    # Only the parameters need to fit, in either block layout (config.model.scan_layers).
+    target, params_differ = _saved_layout(_saved_arrays(other, step), abstract_state, "params/")
+    if params_differ:
       raise _mismatch_error(other, step, params_differ, "config.init_from needs the same model")
-    return restore_state(other, step, abstract_state).params
+    params = restore_state(other, step, target).params
+    return params if target is abstract_state else _convert_layout(params, abstract_state.params)
 
 
 def save_checkpoint(

@@ -223,6 +223,17 @@ def sample_negatives(
   return jnp.where(jnp.all(banned, axis=-1), jnp.arange(rows), drawn)
 
 
+def masked_positions(selected: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(positions (capacity,) int32 into selected.ravel(), kept (capacity,) bool): the
+  selected positions in row-major order, the first `capacity` of them, then padding
+  (position 0, kept False). A static-shape stand-in for nonzero(selected), so a head can
+  run on the masked tokens only."""
+  flat = selected.reshape(-1)
+  (positions,) = jnp.nonzero(flat, size=capacity, fill_value=0)
+  kept = jnp.arange(capacity) < jnp.sum(flat)
+  return positions.astype(jnp.int32), kept
+
+
 def itm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean 2-way cross-entropy of the matching head: logits (N, 2), labels (N,) 1 =
   matched pair, 0 = negative; with the head's accuracy."""
@@ -241,7 +252,8 @@ def mlm_loss(
   """Cross-entropy of logits (B, T, V) against the original ids `targets` (B, T), averaged
   over the `selected` (B, T) positions; with `soft_targets` (B, T, V) (a momentum model's
   probabilities), (1 - alpha) * that + alpha * the soft cross-entropy (ALBEF's
-  distillation). 0 when nothing is selected."""
+  distillation). 0 when nothing is selected. Any leading shape works: (K, V) logits of
+  gathered positions (`masked_positions`) give the same loss as the full (B, T, V)."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   hard = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   weights = selected.astype(jnp.float32)

@@ -5,6 +5,11 @@ label per parameter, decided from its path ("text/transformer/resblocks_3/ln_1/s
 The optimizer (optim.create_optimizer) updates only "train" parameters and keeps no state
 for frozen ones; the train step stops gradients at frozen parameters, so backpropagation
 skips what nothing trainable needs (all of the image tower under LiT).
+
+Scanned towers (config.model.scan_layers) hold each block parameter as one array over
+all blocks: a label is decided per block as for the unrolled paths, and a mode that
+treats blocks differently (unlock_last, a train_also regex naming resblocks_<i>) cannot
+be expressed and is refused with a ConfigError.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax.models.layers import Tuning
+from vlp_jax.config_lib import ConfigError
+from vlp_jax.models.layers import STACKED_BLOCKS, Tuning
 
 TRAIN, FREEZE = "train", "freeze"
 
@@ -110,6 +116,15 @@ def _tower_trains(parts: tuple[str, ...], mode: str, last_block: int) -> bool:
   return head or block == last_block or final_norm
 
 
+def _unrolled_views(parts: tuple[str, ...], leaf: Any) -> list[tuple[str, ...]]:
+  """The unrolled parameter paths a leaf at `parts` holds: itself, or resblocks_<i> for
+  every block of a scanned stack (the leaf's leading axis)."""
+  if STACKED_BLOCKS not in parts[:-1]:
+    return [parts]
+  at = parts.index(STACKED_BLOCKS)
+  return [(*parts[:at], f"{STACKED_BLOCKS}_{i}", *parts[at + 1 :]) for i in range(leaf.shape[0])]
+
+
 def labeler(peft: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   """params -> same-structured tree of "train" / "freeze" labels (optax.multi_transform).
 
@@ -122,9 +137,12 @@ def labeler(peft: ml_collections.ConfigDict) -> Callable[[Any], Any]:
 
   def labels(params: Any) -> Any:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+    # Each leaf as the unrolled path(s) it holds: one, or one per block of a scanned stack.
+    views = [
+      _unrolled_views(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat
+    ]
     last = {}
-    for parts in paths:
+    for parts in (parts for view in views for parts in view):
       if (block := _block_index(parts)) is not None:
         last[parts[0]] = max(last.get(parts[0], -1), block)
 
@@ -135,7 +153,17 @@ def labeler(peft: ml_collections.ConfigDict) -> Callable[[Any], Any]:
         return _tower_trains(parts, modes[parts[0]], last.get(parts[0], -1))
       return temperature_trains and parts[-1] in _TEMPERATURE
 
-    out = [TRAIN if trains(parts) else FREEZE for parts in paths]
+    out = []
+    for view in views:
+      decided = {trains(parts) for parts in view}
+      if len(decided) > 1:
+        stacked = "/".join(view[0]).replace(f"{STACKED_BLOCKS}_0", STACKED_BLOCKS)
+        raise ConfigError(
+          f"config.peft trains some blocks of {stacked} and freezes others, which scanned "
+          "blocks (config.model.scan_layers=True: one array for all blocks) cannot express; "
+          "set config.model.scan_layers=False for this mode"
+        )
+      out.append(TRAIN if decided.pop() else FREEZE)
     return jax.tree.unflatten(jax.tree.structure(params), out)
 
   return labels

@@ -82,8 +82,13 @@ def truncate_metrics(workdir: str, step: int) -> int:
   return dropped
 
 
-# Peak dense bf16 FLOP/s per device, from the vendors' datasheets, by device_kind prefix.
+# Peak dense bf16 FLOP/s per device by device_kind prefix (the first match wins, so longer
+# prefixes come first), checked 2026-12-02 against the datasheets: H100 SXM / H200 989
+# (the sheets' 1,979 assumes 2:4 sparsity), H100 PCIe 756, A100 312
+# (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf); TPU v4 275, v5e 197, v5p 459,
+# v6e 918 (cloud.google.com/tpu/docs/<version>: "Peak compute per chip (bf16)").
 PEAK_FLOPS_PER_DEVICE = {
+  "NVIDIA H100 PCIe": 756e12,
   "NVIDIA H100": 989e12,
   "NVIDIA H200": 989e12,
   "NVIDIA A100": 312e12,

@@ -22,6 +22,9 @@ FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
 # Tensors smaller than this stay replicated under FSDP: splitting them saves nothing.
 FSDP_MIN_SIZE = 2**14
+# The path part of scanned blocks (models.layers.STACKED_BLOCKS; not imported, so that
+# the models can import this module).
+STACKED_BLOCKS = "resblocks"
 
 
 def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -64,8 +67,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-# Megatron-style splits over a "tensor" axis: (parameter path suffix, dimension). The
-# MLP's hidden units and the attention projections are split; XLA inserts the collectives.
+# Megatron-style splits over a "tensor" axis: (parameter path suffix, dimension of one
+# block's tensor; param_spec shifts it past a scanned stack's layer axis). The MLP's
+# hidden units and the attention projections are split; XLA inserts the collectives.
 TENSOR_RULES = (
   ("mlp/c_fc/kernel", 1),
   ("mlp/c_fc/bias", 0),
@@ -86,21 +90,50 @@ TENSOR_RULES = (
 
 def param_spec(path: str, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> PartitionSpec:
   """Tensor-parallel rule for `path` if one applies, then FSDP over the largest free
-  dimension divisible by the "fsdp" axis; tensors under FSDP_MIN_SIZE stay whole."""
-  spec: list[str | None] = [None] * len(shape)
+  dimension divisible by the "fsdp" axis; tensors under FSDP_MIN_SIZE stay whole.
+
+  Scanned blocks (config.model.scan_layers: a "resblocks" path part, leading axis =
+  depth) get their unrolled block's spec behind an unsharded layer axis: the scan slices
+  that axis one block per step, so it is never split.
+  """
+  layer_axes = 1 if STACKED_BLOCKS in path.split("/") and shape else 0
+  block_shape = shape[layer_axes:]
+  spec: list[str | None] = [None] * len(block_shape)
   tensor_size = mesh_shape.get(TENSOR_AXIS, 1)
   if tensor_size > 1:
     for suffix, dim in TENSOR_RULES:
-      if path.endswith(suffix) and shape[dim] % tensor_size == 0:
+      if path.endswith(suffix) and block_shape[dim] % tensor_size == 0:
         spec[dim] = TENSOR_AXIS
         break
   fsdp_size = mesh_shape.get(FSDP_AXIS, 1)
-  if fsdp_size > 1 and math.prod(shape) >= FSDP_MIN_SIZE:
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-      if spec[dim] is None and shape[dim] % fsdp_size == 0:
+  if fsdp_size > 1 and math.prod(block_shape) >= FSDP_MIN_SIZE:
+    for dim in sorted(range(len(block_shape)), key=lambda d: -block_shape[d]):
+      if spec[dim] is None and block_shape[dim] % fsdp_size == 0:
         spec[dim] = FSDP_AXIS
         break
-  return PartitionSpec(*spec)
+  return PartitionSpec(*([None] * layer_axes), *spec)
+
+
+def constrain_batch(x: jax.Array, tensor_dim: int | None = None) -> jax.Array:
+  """`x` with its leading (batch) dimension split over the ambient mesh's batch axes and
+  every other dimension whole; `tensor_dim` (the heads of q/k/v) is left to XLA when the
+  mesh has a "tensor" axis, which splits the attention projections.
+
+  Without it, XLA's propagation may carry an FSDP-split weight's layout into the
+  activations (12 heads over 8 devices cannot be split evenly) and then fully
+  rematerialise them. A no-op without an ambient mesh (`jax.set_mesh`) or on one device,
+  so single-device programs are unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x  # A batch that does not split (an evaluation remainder): leave it to XLA.
+  spec: list[Any] = [axes, *([None] * (x.ndim - 1))]
+  if tensor_dim is not None and mesh.shape.get(TENSOR_AXIS, 1) > 1:
+    spec[tensor_dim] = PartitionSpec.UNCONSTRAINED
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def _path_str(path: tuple) -> str:

@@ -122,8 +122,15 @@ def compile_step(parts: StepParts, state_sharding: Any) -> StepFn:
   """`train_step` of `parts` (an Experiment or StepParts) jitted once with explicit
   shardings; the old state's buffers are donated."""
   step = functools.partial(train_step, method=parts.method, tx=parts.tx, schedule=parts.schedule)
+
+  def step_on_mesh(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    # Traced under the mesh: the models' activation constraints (sharding.constrain_batch)
+    # read it.
+    with jax.sharding.use_abstract_mesh(parts.mesh.abstract_mesh):
+      return step(state, batch)
+
   return jax.jit(
-    step,
+    step_on_mesh,
     in_shardings=(state_sharding, sharding.batch_sharding(parts.mesh)),
     out_shardings=(state_sharding, sharding.replicated(parts.mesh)),
     donate_argnums=0,

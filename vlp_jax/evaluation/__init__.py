@@ -121,13 +121,17 @@ def log_and_write(
   out_dir: str = "",
   model: str = "",
 ) -> str:
-  """TensorBoard scalars, JSON files, the rebuilt summary; logs and returns the tables."""
+  """TensorBoard scalars and texts, JSON files, the rebuilt summary; logs and returns the
+  tables."""
   out_dir = out_dir or os.path.join(workdir, "eval")
   scalars = {}
   for r in results:
     prefix = "eval" if r.heldout else f"eval/{r.task}/{r.dataset}"
     scalars.update({f"{prefix}/{k}": v for k, v in r.metrics.items()})
   writer.write_scalars(step, scalars)
+  texts = {f"eval/{r.task}/{r.dataset}/{k}": v for r in results for k, v in r.texts.items()}
+  if texts:  # Markdown tables (CMask's masked words) as TensorBoard text summaries.
+    writer.write_texts(step, texts)
   pretrained = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
   report.write_results(results, step, out_dir, model, pretrained)
   for r in results:  # A benchmark's own files, beside its result JSON.

@@ -7,10 +7,11 @@ each caption's k best tokens, k = round(mask_ratio x maskable length) as in trai
 (masking.curriculum.mask_counts), deterministically: the agent's mode, no Gumbel noise.
 
 It reports the masking rate per word class (the share of that class's tokens chosen) and
-the words the agent masks most. Classes are the built-in dataset's WORD_CLASSES, matched
-by a word's token ids under the run's tokenizer, so every piece of a word counts as the
-word's class; words of no class (other shards) count as "other". Only classes that occur
-are reported.
+the words the agent masks most, as metrics, a top_words.json file and two Markdown tables
+(`Result.texts`: "top_words", "class_rates") that reach TensorBoard as text summaries.
+Classes are the built-in dataset's WORD_CLASSES, matched by a word's token ids under the
+run's tokenizer, so every piece of a word counts as the word's class; words of no class
+(other shards) count as "other". Only classes that occur are reported.
 """
 
 from __future__ import annotations
@@ -201,9 +202,14 @@ class AgentMaskingTask(Task):
 
     headline = [k for k in metrics if k.startswith("rate/")]
     result = Result(
-      self.name, data.name, metrics, headline, files={"top_words.json": write_top_words}
+      self.name,
+      data.name,
+      metrics,
+      headline,
+      files={"top_words.json": write_top_words},
+      texts=summary_texts(metrics, top_words),
     )
-    result.top_words = top_words  # type: ignore[attr-defined]  # For callers and text summaries.
+    result.top_words = top_words  # type: ignore[attr-defined]  # For callers (tests/test_cmask.py).
     return [result]
 
 
@@ -212,6 +218,24 @@ def top_words_text(top_words: Sequence[Mapping[str, Any]]) -> str:
   lines = ["| word | rate | masked | tokens |", "|---|---|---|---|"]
   lines += [f"| {w['word']} | {w['rate']:.3f} | {w['count']} | {w['tokens']} |" for w in top_words]
   return "\n".join(lines)
+
+
+def class_rates_text(metrics: Mapping[str, float]) -> str:
+  """A Markdown table of the masking rate per word class ("rate/<class>", "tokens/<class>"
+  of `masking_report`), in the report's class order."""
+  lines = ["| class | rate | tokens |", "|---|---|---|"]
+  for key, rate in metrics.items():
+    if key.startswith("rate/"):
+      name = key.removeprefix("rate/")
+      lines.append(f"| {name} | {rate:.3f} | {int(metrics[f'tokens/{name}'])} |")
+  return "\n".join(lines)
+
+
+def summary_texts(
+  metrics: Mapping[str, float], top_words: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+  """The Result's texts: TensorBoard shows them as Markdown tables at every evaluation."""
+  return {"top_words": top_words_text(top_words), "class_rates": class_rates_text(metrics)}
 
 
 def create_task(

@@ -11,10 +11,13 @@ generated sets of input_pipeline/builtin_tasks.py sized by config.finetune.built
 - classify_finetuned: an image-classification set (classification_readers.py, as the
   linear probe's, `split=` default "val"); "class_logits" (params, images) -> (B, C);
   top-1 / top-5 / mean per-class recall.
-- itm_retrieval: retrieval ranked by a matching head alone ("match_image" +
-  "match_score", evaluation/rerank.py) for models without embeddings (single-stream):
-  every (image, caption) pair is scored once, as VLC's compute_irtr_recall does; dataset
-  "heldout" (the run's eval shards) or a zeroshot_retrieval spec.
+- itm_retrieval: retrieval ranked by a matching head ("match_image" + "match_score",
+  evaluation/rerank.py) for models without embeddings (single-stream): every (image,
+  caption) pair is scored once, as VLC's compute_irtr_recall does, or, with a dual
+  encoder named by config.finetune.shortlist (a CLIP run or converted directory), only
+  each query's shortlist_k nearest by that CLIP's embeddings, a true match outside the
+  shortlist counting as a miss; dataset "heldout" (the run's eval shards) or a
+  zeroshot_retrieval spec.
 
 Batches go through the mesh as the Embedder's do: the same static global batch, padding
 rows marked -1, outputs gathered to every host and put back in order by row. Beside the
@@ -40,17 +43,21 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from vlp_jax import sharding
+from vlp_jax import peft, sharding
+from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import classification, nlvr2, readers, rerank, vqa
 from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation.embedding import DataError, Embedder
 from vlp_jax.evaluation.retrieval import retrieval_metrics
 from vlp_jax.evaluation.tasks import Result, Task
-from vlp_jax.input_pipeline import builtin_tasks, task_data
+from vlp_jax.input_pipeline import builtin_tasks, task_data, tokenizers
+from vlp_jax.models import clip
 
 BUILTIN = "builtin"  # A dataset spec naming the generated set.
+SHORTLIST_KEY = "config.finetune.shortlist"
 HELDOUT = "heldout"  # itm_retrieval: the run's own eval shards.
 # The prediction functions each task needs (merged into tasks.TASK_NEEDS).
 TASK_NEEDS: dict[str, tuple[str, ...]] = {
@@ -89,11 +96,25 @@ class BuiltinSets:
   num_eval: int
   image_size: int
   seed: int
+  nlvr2_statements: str = ""  # Comma list of builtin_tasks.STATEMENT_KINDS; "": all.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> BuiltinSets:
     b = config.finetune.builtin
-    return cls(config.data.cache_dir, b.num_train, b.num_eval, b.image_size, b.seed)
+    return cls(
+      config.data.cache_dir, b.num_train, b.num_eval, b.image_size, b.seed, b.nlvr2_statements
+    )
+
+  @property
+  def nlvr2_kinds(self) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in self.nlvr2_statements.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in builtin_tasks.STATEMENT_KINDS]
+    if unknown:
+      raise ValueError(
+        f"config.finetune.builtin.nlvr2_statements: {unknown} are not among "
+        f"{list(builtin_tasks.STATEMENT_KINDS)}"
+      )
+    return kinds or builtin_tasks.STATEMENT_KINDS
 
 
 def _spec(text: str, task: str, flag: str) -> readers.DatasetSpec:
@@ -143,6 +164,7 @@ def read_nlvr2_spec(
       num_dev=builtin.num_eval,
       image_size=builtin.image_size,
       seed=builtin.seed,
+      kinds=builtin.nlvr2_kinds,
     )
     return "builtin-nlvr2", tuple(sets.examples("train" if train else "dev"))
   names, examples = [], []
@@ -191,6 +213,111 @@ def config_answer_vocab(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return answer_vocab(
     tune.answers, tune.train, tune.min_answer_count, BuiltinSets.from_config(config)
   )
+
+
+# ----------------------------------------------------------------------------- shortlist
+
+# Runs whose parameters are a CLIP (models/clip.py) with its two embeddings.
+DUAL_ENCODER_METHODS = ("contrastive", "negclip")
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoder:
+  """The CLIP that shortlists retrieval candidates for a matching head."""
+
+  path: str
+  model: clip.CLIP
+  params: Any  # Host arrays.
+  tokenizer: tokenizers.Tokenizer
+
+  def embed(
+    self, embedder: Embedder, images: Sequence[Any], texts: Sequence[str], desc: str = ""
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) unit embeddings, batched on `embedder`'s mesh at this CLIP's own
+    image size and with its own tokenizer."""
+    clip_embedder = Embedder(
+      clip.embedding_fns(self.model),
+      embedder.mesh,
+      self.tokenizer,
+      batch_size=embedder.batch_size,
+      image_size=self.model.visual.image_size,
+      read_threads=embedder.read_threads,
+      show_progress=embedder.show_progress,
+    )
+    replicated = sharding.replicated(embedder.mesh)
+    params = sharding.host_tree_to_global(
+      self.params, jax.tree.map(lambda _: replicated, self.params)
+    )
+    desc = f"{desc} shortlist".strip()
+    image_emb = clip_embedder.images(params, images, len(images), f"{desc} images")
+    return image_emb, clip_embedder.texts(params, texts, f"{desc} texts")
+
+
+def load_dual_encoder(path: str, key: str = SHORTLIST_KEY) -> DualEncoder:
+  """The CLIP of a contrastive run's workdir (its newest checkpoint, config.json and
+  tokenizer.json) or of a converted directory (python -m vlp_jax.weights.convert);
+  a ConfigError naming `key` when it is neither or its parameters do not fit."""
+  from vlp_jax.weights import convert  # Orbax and the importers: only when shortlisting.
+
+  if not os.path.isdir(path):
+    raise ConfigError(
+      f"{key}: {path!r} is not a directory (a CLIP run's workdir or a converted CLIP)"
+    )
+  try:
+    params, info = convert.read_params(path)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"{key}: {e}") from e
+  run = info.get("config")
+  method = run.get("method", "contrastive") if run else "contrastive"
+  fields = run.get("model") if run else info.get("model")
+  if method not in DUAL_ENCODER_METHODS or not isinstance(fields, dict) or "text" not in fields:
+    raise ConfigError(
+      f"{key}: {path} is not a dual encoder (a run of {', '.join(DUAL_ENCODER_METHODS)} "
+      f"or a converted CLIP with a text tower); it is a {method!r} model"
+    )
+  try:
+    vocab = convert.run_tokenizer(info)
+    tokenizer = tokenizers.create_tokenizer(
+      vocab["kind"],
+      vocab["vocab_file"] or "",
+      fields["text"]["context_length"],
+      vocab["lower_case"],
+    )
+    if run:  # As the run's own method builds it (SigLIP's bias, PEFT factors).
+      from configs.common import base_config  # configs/ lies beside eval.py, not in vlp_jax.
+
+      base = base_config()  # Gives fields a run of an older version lacks their defaults.
+      convert.update_model_config(base.model, fields)
+      convert.update_model_config(base.peft, run.get("peft", {}))
+      model = clip.create_model(
+        base.model,
+        tokenizer.vocab_size,
+        tokenizer.pad_id,
+        loss_kind=run["loss"]["kind"],
+        tuning=peft.tuning_from_config(base.peft),
+      )
+    else:
+      model = convert.model_from_fields(fields)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    raise ConfigError(f"{key}: cannot rebuild the CLIP of {path}: {e!r}") from e
+  size, length = model.visual.image_size, tokenizer.context_length
+  wanted = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, size, size, 3), np.uint8),
+    jax.ShapeDtypeStruct((1, length), np.int32),
+  )["params"]
+  want = traverse_util.flatten_dict(wanted, sep="/")
+  have = traverse_util.flatten_dict(params, sep="/")
+  problems = [k for k in want if k not in have or tuple(have[k].shape) != want[k].shape]
+  if problems:
+    raise ConfigError(
+      f"{key}: the parameters of {path} do not fit the CLIP its config describes "
+      f"({', '.join(problems[:5])}{', ...' if len(problems) > 5 else ''})"
+    )
+  params = traverse_util.unflatten_dict({k: have[k] for k in want}, sep="/")
+  logging.info("Retrieval shortlists come from the CLIP %s", path)
+  return DualEncoder(path, model, params, tokenizer)
 
 
 # ----------------------------------------------------------------------------- running
@@ -429,13 +556,23 @@ class ClassifyTask(Task):
 
 
 class ItmRetrievalTask(Task):
-  """Image and text retrieval ranked by the matching head over every pair."""
+  """Image and text retrieval ranked by the matching head: over every pair, or over each
+  query's `shortlist_k` nearest by a dual encoder's embeddings (computed once)."""
 
   name = "itm_retrieval"
 
-  def __init__(self, data: readers.RetrievalSet, predict_fns: Mapping[str, Any], ks: Sequence[int]):
+  def __init__(
+    self,
+    data: readers.RetrievalSet,
+    predict_fns: Mapping[str, Any],
+    ks: Sequence[int],
+    shortlist: DualEncoder | None = None,
+    shortlist_k: int = 0,
+  ):
     self.data, self.predict_fns, self.ks = data, dict(predict_fns), tuple(ks)
+    self.shortlist, self.shortlist_k = shortlist, shortlist_k
     self._matchers: dict[int, rerank.Matcher] = {}
+    self._embeddings: tuple[np.ndarray, np.ndarray] | None = None
 
   def evaluate(self, embedder: Embedder, params: Any) -> list[Result]:
     if id(embedder) not in self._matchers:
@@ -444,21 +581,57 @@ class ItmRetrievalTask(Task):
     texts = [c for captions in data.captions for c in captions]
     text_to_image = np.repeat(np.arange(len(data.captions)), [len(c) for c in data.captions])
     num_images, num_texts = len(data.images), len(texts)
-    logging.info("%s: scoring all %d image-caption pairs", data.name, num_images * num_texts)
-    states = matcher.image_states(params, data.images, f"{data.name} match images")
-    tokens = np.asarray(embedder.tokenizer(texts), np.int32)
-    image_index = np.repeat(np.arange(num_images), num_texts)
-    text_index = np.tile(np.arange(num_texts), num_images)
-    scores = matcher.score_pairs(params, states, tokens, image_index, text_index)
-    scores = scores.reshape(num_images, num_texts)
-    # Unit image "embeddings" make the text x image similarity the score matrix itself,
-    # so the recalls (and their tie rules) are retrieval.py's.
-    metrics = retrieval_metrics(
-      np.eye(num_images, dtype=np.float32), scores.T, text_to_image, self.ks
-    )
+    if self.shortlist is not None:
+      metrics = self._shortlisted(matcher, embedder, params, texts, text_to_image)
+    else:
+      logging.info("%s: scoring all %d image-caption pairs", data.name, num_images * num_texts)
+      states = matcher.image_states(params, data.images, f"{data.name} match images")
+      tokens = np.asarray(embedder.tokenizer(texts), np.int32)
+      image_index = np.repeat(np.arange(num_images), num_texts)
+      text_index = np.tile(np.arange(num_texts), num_images)
+      scores = matcher.score_pairs(params, states, tokens, image_index, text_index)
+      scores = scores.reshape(num_images, num_texts)
+      # Unit image "embeddings" make the text x image similarity the score matrix itself,
+      # so the recalls (and their tie rules) are retrieval.py's.
+      metrics = retrieval_metrics(
+        np.eye(num_images, dtype=np.float32), scores.T, text_to_image, self.ks
+      )
     metrics.update(num_images=float(num_images), num_texts=float(num_texts))
     headline = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in self.ks]
     return [Result(self.name, data.name, metrics, headline)]
+
+  def _shortlisted(
+    self,
+    matcher: rerank.Matcher,
+    embedder: Embedder,
+    params: Any,
+    texts: list[str],
+    text_to_image: np.ndarray,
+  ) -> dict[str, float]:
+    data = self.data
+    if self._embeddings is None:  # The dual encoder does not train: embed once.
+      self._embeddings = self.shortlist.embed(embedder, data.images, texts, data.name)
+      self.shortlist = dataclasses.replace(self.shortlist, params=None)  # Frees its weights.
+    image_emb, text_emb = self._embeddings
+    logging.info(
+      "%s: re-ranking the %d nearest of each query by %s",
+      data.name,
+      self.shortlist_k,
+      self.shortlist.path,
+    )
+    return rerank.reranked_retrieval(
+      matcher,
+      params,
+      image_emb,
+      text_emb,
+      text_to_image,
+      data.images,
+      texts,
+      self.shortlist_k,
+      self.ks,
+      desc=data.name,
+      misses_outside=True,
+    )
 
 
 # ----------------------------------------------------------------------------- factory
@@ -499,7 +672,14 @@ def create_tasks(
         data = heldout()
       else:
         data = readers.read_retrieval(_spec(text, name, flag), config.eval.max_captions)
-      tasks.append(ItmRetrievalTask(data, predict_fns, config.eval.recall_ks))
+      tune, shortlist = config.finetune, None
+      if tune.shortlist:
+        if tune.shortlist_k < 1:
+          raise ValueError(f"config.finetune.shortlist_k={tune.shortlist_k}: give k >= 1")
+        shortlist = load_dual_encoder(tune.shortlist)
+      tasks.append(
+        ItmRetrievalTask(data, predict_fns, config.eval.recall_ks, shortlist, tune.shortlist_k)
+      )
     else:
       raise ValueError(f"unknown fine-tuning task {name!r}; known: {', '.join(TASKS)}")
   return tasks

@@ -191,8 +191,11 @@ def reranked_retrieval(
   k: int,
   ks: Sequence[int] = DEFAULT_KS,
   desc: str = "",
+  misses_outside: bool = False,
 ) -> dict[str, float]:
-  """Recall@ks of ALBEF's protocol: the top k by ITA similarity, re-ranked by ITM."""
+  """Recall@ks of ALBEF's protocol: the top k by ITA similarity, re-ranked by ITM.
+  `misses_outside`: a target outside its query's shortlist is never found (a shortlist
+  from another model, VLC's), instead of following the shortlist in index order."""
   text_to_image = np.asarray(text_to_image, np.int64)
   t2i_candidates = top_candidates(text_emb, image_emb, k)
   i2t_candidates = top_candidates(image_emb, text_emb, k)
@@ -215,6 +218,10 @@ def reranked_retrieval(
   ).reshape(i2t_candidates.shape)
   t2i = reranked_positions(t2i_candidates, t2i_scores, text_to_image[:, None])
   i2t = reranked_positions(i2t_candidates, i2t_scores, caption_table(text_to_image, num_images))
+  if misses_outside:  # Shortlisted targets rank below k, the others at k or after.
+    never = np.iinfo(np.int64).max
+    t2i = np.where(t2i < t2i_candidates.shape[1], t2i, never)
+    i2t = np.where(i2t < i2t_candidates.shape[1], i2t, never)
   metrics = metrics_from_ranks(t2i, i2t, ks)
   metrics["rerank_k"] = float(t2i_candidates.shape[1])
   return metrics

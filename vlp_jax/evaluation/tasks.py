@@ -101,6 +101,9 @@ class Result:
   # A benchmark's own files (file name -> writer(path)), written beside the result JSON
   # in <out>/step_<N>/<dataset>_<task>/ (a VQA test-dev submission, NLVR2 predictions).
   files: dict[str, Callable[[str], None]] = dataclasses.field(default_factory=dict)
+  # Markdown texts (name -> text) for TensorBoard text summaries, written under
+  # "eval/<task>/<dataset>/<name>" (CMask's most-masked words and per-class rates).
+  texts: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Task:

@@ -16,7 +16,8 @@ NLVR2, as jsonl + images: each set is one statement ("the left image has more ci
 than the right image", "both images contain a red shape", "the right image contains a
 small square", "the left image has fewer shapes than the right image", "there are 4
 shapes in total") paired with two image pairs, one making it true and one false: labels
-are balanced and consistency (all pairs of a sentence right) means something. Training
+are balanced and consistency (all pairs of a sentence right) means something; a set may
+keep some kinds only (`kinds`: colours alone need no counting). Training
 images lie in numbered subdirectories named by a "directory" field, as NLVR2's do; like
 many of NLVR2's images they are JPEG bytes under .png names (decoders read the bytes).
 """
@@ -334,9 +335,11 @@ def _count(scene: Scene, shape: str) -> int:
   return sum(o.shape == shape for o in scene.objects)
 
 
-def random_statement(rng: np.random.Generator) -> Statement:
+def random_statement(
+  rng: np.random.Generator, kinds: tuple[str, ...] = STATEMENT_KINDS
+) -> Statement:
   return Statement(
-    kind=_pick(rng, STATEMENT_KINDS),
+    kind=_pick(rng, kinds),
     side=_pick(rng, ("left", "right")),
     colour=_pick(rng, COLOUR_NAMES),
     shape=_pick(rng, SHAPES),
@@ -345,12 +348,19 @@ def random_statement(rng: np.random.Generator) -> Statement:
   )
 
 
-def generate_nlvr2_set(seed: int, split: str, set_id: int, image_size: int) -> list[dict]:
-  """One statement with a true and a false image pair (in random order), fully
-  determined by (seed, split, set_id): examples with their identifiers and images."""
+def generate_nlvr2_set(
+  seed: int,
+  split: str,
+  set_id: int,
+  image_size: int,
+  kinds: tuple[str, ...] = STATEMENT_KINDS,
+) -> list[dict]:
+  """One statement (of one of `kinds`) with a true and a false image pair (in random
+  order), fully determined by (seed, split, set_id, kinds): examples with their
+  identifiers and images."""
   rng = np.random.default_rng([seed, _SPLIT_SEEDS[split], set_id])
   while True:
-    statement = random_statement(rng)
+    statement = random_statement(rng, kinds)
     pairs: dict[bool, tuple[Scene, Scene]] = {}
     for _ in range(_MAX_PAIR_TRIES):
       pair = (builtin.sample_scene(rng, False), builtin.sample_scene(rng, False))
@@ -375,11 +385,14 @@ def generate_nlvr2_set(seed: int, split: str, set_id: int, image_size: int) -> l
   return examples
 
 
-def _write_nlvr2(root: str, seed: int, counts: dict[str, int], image_size: int) -> None:
+def _write_nlvr2(
+  root: str, seed: int, counts: dict[str, int], image_size: int, kinds: tuple[str, ...]
+) -> None:
   for split, count in counts.items():
     lines = []
     for set_id in range(math.ceil(count / 2)):
-      for example in generate_nlvr2_set(seed, split, set_id, image_size)[: count - 2 * set_id]:
+      examples = generate_nlvr2_set(seed, split, set_id, image_size, kinds)
+      for example in examples[: count - 2 * set_id]:
         entry = {
           "identifier": example["identifier"],
           "sentence": example["sentence"],
@@ -464,18 +477,32 @@ def ensure_builtin_vqa(
 
 
 def ensure_builtin_nlvr2(
-  cache_dir: str | None, *, num_train: int, num_dev: int, image_size: int, seed: int
+  cache_dir: str | None,
+  *,
+  num_train: int,
+  num_dev: int,
+  image_size: int,
+  seed: int,
+  kinds: tuple[str, ...] = STATEMENT_KINDS,
 ) -> BuiltinNlvr2:
   """The generated NLVR2 set with `num_train` / `num_dev` examples (two per statement),
-  written once."""
+  its statements of `kinds` (STATEMENT_KINDS), written once."""
   if num_train < 1 or num_dev < 1:
     raise ValueError(f"num_train={num_train} and num_dev={num_dev} must be positive")
+  unknown = [k for k in kinds if k not in STATEMENT_KINDS]
+  if unknown or not kinds:
+    raise ValueError(f"statement kinds {list(kinds)}: give some of {list(STATEMENT_KINDS)}")
   counts = {"train": num_train, "dev": num_dev}
   params = dict(
     version=_NLVR2_VERSION, seed=seed, num_train=num_train, num_dev=num_dev, image_size=image_size
   )
+  if tuple(kinds) != STATEMENT_KINDS:  # The default keeps the sets already written.
+    params["kinds"] = list(kinds)
   root = _ensure(
-    cache_dir, "builtin-nlvr2", params, lambda tmp: _write_nlvr2(tmp, seed, counts, image_size)
+    cache_dir,
+    "builtin-nlvr2",
+    params,
+    lambda tmp: _write_nlvr2(tmp, seed, counts, image_size, tuple(kinds)),
   )
   return BuiltinNlvr2(
     root=root,

@@ -23,6 +23,7 @@ The released code never trains its agent; this builds the paper's intent
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ from vlp_jax.methods.albef import Albef, MlmChoice, MlmPass
 from vlp_jax.methods.base import Batch, Extra, MethodContext, Metrics, Params, PredictFn
 from vlp_jax.models.agent import MaskingAgent
 from vlp_jax.models.albef import AlbefModel
+from vlp_jax.models.layers import compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,14 +152,32 @@ class CMask(Albef):
     mask = tokens != self.model.text.pad_id
     states, _ = self._apply(online, choice.inputs, mask, method=AlbefModel.encode_text)
     size = self.model.visual.image_size
-    blank, _ = self._apply(
-      online, jnp.zeros((1, size, size, 3), jnp.uint8), method=AlbefModel.encode_image
+    blank = jax.eval_shape(
+      lambda: self._apply(
+        online, jnp.zeros((1, size, size, 3), jnp.uint8), method=AlbefModel.encode_image
+      )[0]
     )
-    no_image = jnp.zeros((tokens.shape[0], *blank.shape[1:]), blank.dtype)
-    fused, _ = self._apply(online, states, mask, no_image, method=AlbefModel.fuse)
-    logits = self._apply(online, fused, method=AlbefModel.mlm_logits).astype(jnp.float32)
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    return _mean_over(token_loss, choice.aux["agent_selected"])
+    # One all-zero image every row attends to: its keys and values are computed once.
+    no_image = jnp.zeros(blank.shape, blank.dtype)
+    rows = tokens.shape[0]
+    fused, _ = self._apply(
+      online, states, mask, no_image, jnp.zeros((rows,), jnp.int32), method=AlbefModel.fuse
+    )
+    # The head only where the agent masked (its tokens are a subset of choice.selected,
+    # which mlm_capacity always holds in full: exactly mask_counts per caption).
+    chosen = choice.aux["agent_selected"]
+    positions, kept = self.mlm_positions(chosen)
+    logits = self._apply(online, albef.gather_rows(fused, positions), method=AlbefModel.mlm_logits)
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), albef.gather_rows(tokens, positions)
+    )
+    return _mean_over(albef.scatter_rows(token_loss, positions, kept, tokens.shape), chosen)
+
+  def mlm_capacity(self, rows: int, length: int) -> int:
+    """Every caption masks exactly round(mask_ratio x its maskable tokens) (at most
+    `length` of them), so this bound is never exceeded."""
+    per_row = math.floor(self.mask_ratio * length + 0.5)
+    return max(1, min(rows * length, rows * per_row))
 
   def predict_fns(self) -> dict[str, PredictFn]:
     """ALBEF's, plus "agent_logits": (params, tokens, images) -> (B, T) the agent's
@@ -206,7 +226,7 @@ def create(ctx: MethodContext) -> CMask:
     num_heads=cmask.agent_heads or text.num_heads,
     mlp_dim=cmask.agent_mlp_dim or text.mlp_dim,
     width=cmask.agent_width or None,
-    dtype=jnp.dtype(ctx.config.model.dtype),
+    dtype=compute_dtype(ctx.config.model.dtype),
   )
   tokenizer = ctx.tokenizer
   never_mask = text_masking.text_specials(tokenizer, ("pad_id", "cls_id", "sep_id")).never_mask

@@ -43,6 +43,7 @@ from vlp_jax.methods.base import (
   Params,
   PredictFn,
 )
+from vlp_jax.models.layers import compute_dtype
 from vlp_jax.models.single_stream import MaeDecoder, SingleStream, SingleStreamEncoder
 from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, decode_variant, normalize_pixels, patchify
 
@@ -407,7 +408,7 @@ def create_model(
       f"config.model.text.max_positions={max_positions} < context_length {context_length}"
     )
   to_255 = lambda v: tuple(x * 255 for x in v) if v is not None else None  # noqa: E731
-  dtype = jnp.dtype(config.model.dtype)
+  dtype = compute_dtype(config.model.dtype)
   encoder = SingleStreamEncoder(
     size=size,
     image_size=image.image_size,

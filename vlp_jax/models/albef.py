@@ -56,6 +56,7 @@ class AlbefText(nn.Module):
   remat: bool | str = "none"
   dtype: jnp.dtype = jnp.float32
   pad_id: int = 0
+  attention: str = "auto"  # config.model.attention, for the self-attention of every layer.
 
   def setup(self) -> None:
     if not 0 <= self.fusion_layer <= self.depth:
@@ -71,9 +72,13 @@ class AlbefText(nn.Module):
     )
     args = (self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype)
     text_cls, fusion_cls = with_remat(BertLayer, self.remat), with_remat(FusionLayer, self.remat)
-    self.text_layers = [text_cls(*args, name=f"layer_{i}") for i in range(self.fusion_layer)]
+    attention = self.attention
+    self.text_layers = [
+      text_cls(*args, attention=attention, name=f"layer_{i}") for i in range(self.fusion_layer)
+    ]
     self.fusion_layers = [
-      fusion_cls(*args, name=f"layer_{i}") for i in range(self.fusion_layer, self.depth)
+      fusion_cls(*args, attention=attention, name=f"layer_{i}")
+      for i in range(self.fusion_layer, self.depth)
     ]
     self.mlm_head = MlmHead(
       self.vocab_size, self.activation, self.layer_norm_eps, self.dtype, name="mlm_head"
@@ -87,18 +92,25 @@ class AlbefText(nn.Module):
     return x
 
   def fuse(
-    self, states: jax.Array, mask: jax.Array, image: jax.Array
+    self,
+    states: jax.Array,
+    mask: jax.Array,
+    image: jax.Array,
+    image_index: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
-    """The fusion layers: (states (B, T, W), flows (depth - fusion_layer, B, T))."""
+    """The fusion layers: (states (B, T, W), flows (depth - fusion_layer, B, T)).
+
+    image (B, N, Wi), or (M, N, Wi) with image_index (B,): row b sees image[image_index[b]]."""
     flows = []
     for layer in self.fusion_layers:
-      states, flow = layer(states, mask, image)
+      states, flow = layer(states, mask, image, image_index)
       flows.append(flow)
     if not flows:
       return states, jnp.zeros((0, *states.shape[:2]), jnp.float32)
     return states, jnp.stack(flows)
 
   def mlm_logits(self, states: jax.Array) -> jax.Array:
+    """Vocabulary logits (..., V) of states (..., W)."""
     embedding = self.embeddings.variables["params"]["word_embeddings"]["embedding"]
     return self.mlm_head(states, embedding)
 
@@ -145,17 +157,24 @@ class AlbefModel(nn.Module):
     return states, l2_normalize(self.text_proj(states[:, 0]))
 
   def fuse(
-    self, states: jax.Array, mask: jax.Array, image_tokens: jax.Array
+    self,
+    states: jax.Array,
+    mask: jax.Array,
+    image_tokens: jax.Array,
+    image_index: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
-    """Fusion layers over text states and image tokens: (states, flows (L, B, T))."""
-    return self.text.fuse(states, mask, image_tokens)
+    """Fusion layers over text states and image tokens: (states, flows (L, B, T)).
+
+    With image_index (B,), text row b attends to image_tokens[image_index[b]], and the
+    cross-attention keys and values are computed once per image."""
+    return self.text.fuse(states, mask, image_tokens, image_index)
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     """(B, 2) (not matched, matched) from the fused [CLS]."""
     return self.itm(fused[:, 0])
 
   def mlm_logits(self, fused: jax.Array) -> jax.Array:
-    """(B, T, V) vocabulary logits of every position."""
+    """(B, T, V) vocabulary logits of every position (or (K, V) of K gathered states)."""
     return self.text.mlm_logits(fused)
 
   def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -223,7 +242,12 @@ def create_albef_model(
   shared = tuple(a for a in ACTIVATIONS if a in layers.ACTIVATIONS)  # Both towers know it.
   if activation not in shared:
     raise ValueError(f"config.model.activation={activation!r} is not one of {shared}")
-  dtype = jnp.dtype(model_config.dtype)
+  dtype = layers.compute_dtype(model_config.dtype)
+  layers.check_attention(
+    model_config.attention,
+    dtype,
+    {"image": size.width // size.num_heads, "text": text_cfg.width // text_cfg.num_heads},
+  )
   visual = VisionTransformer(
     size=size,
     image_size=image_cfg.image_size,
@@ -231,6 +255,7 @@ def create_albef_model(
     activation=activation,
     remat=model_config.remat,
     dtype=dtype,
+    attention=model_config.attention,
     **vit_options(image_cfg),
   )
   text = AlbefText(
@@ -246,6 +271,7 @@ def create_albef_model(
     remat=model_config.remat,
     dtype=dtype,
     pad_id=pad_id,
+    attention=model_config.attention,
   )
   return AlbefModel(
     visual=visual,

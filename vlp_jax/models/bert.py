@@ -59,6 +59,7 @@ class BertLayer(nn.Module):
   layer_norm_eps: float = 1e-12
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
+  attention: str = "auto"  # config.model.attention: "auto", "xla" or "cudnn".
 
   def _dense(self, features: int, name: str) -> layers.Dense:
     return layers.dense(features, name, self.tuning, self.dtype, kernel_init=_INIT)
@@ -76,11 +77,12 @@ class BertLayer(nn.Module):
   def self_attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """LN(x + attention over x); mask (B, T) true at the tokens attention may look at."""
     batch, length, width = x.shape
-    attended = jax.nn.dot_product_attention(
+    attended = layers.dot_product_attention(
       self._heads(x, "query", width),
       self._heads(x, "key", width),
       self._heads(x, "value", width),
-      mask=mask[:, None, None, :],
+      self.attention,
+      padding_mask=mask,
     ).reshape(batch, length, width)
     h = self._dense(width, "attention_output")(attended)
     h = layers.maybe_adapter(h, "adapter_attn", self.tuning, self.dtype)
@@ -148,6 +150,7 @@ class BertTextTower(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   pad_id: int = 0
+  attention: str = "auto"  # config.model.attention: "auto", "xla" or "cudnn".
 
   @nn.compact
   def __call__(
@@ -181,6 +184,7 @@ class BertTextTower(nn.Module):
         self.layer_norm_eps,
         self.dtype,
         self.tuning,
+        attention=self.attention,
         name=f"layer_{i}",
       )(x, mask)
     pooled = x[:, 0] if self.pooling == "cls" else mean_pool(x, mask)

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlp_jax.models.bert import POOLINGS, BertTextTower
-from vlp_jax.models.layers import NO_TUNING, Tuning, remat_policy_name
+from vlp_jax.models.layers import (
+  NO_TUNING,
+  Tuning,
+  check_attention,
+  compute_dtype,
+  remat_policy_name,
+)
 from vlp_jax.models.text import PAD_ID, TextTransformer
 from vlp_jax.models.vit import VisionTransformer, decode_variant
 
@@ -101,7 +107,7 @@ def create_model(
   `loss_kind` (config.loss.kind) picks the temperature's initialisation, `tuning`
   ({"visual": ..., "text": ...}, peft.tuning_from_config) adds adapters / LoRA factors."""
   tuning = tuning or {}
-  dtype = jnp.dtype(model_config.dtype)
+  dtype = compute_dtype(model_config.dtype)
   remat_policy_name(model_config.remat)  # Fails here, naming the key, not inside jit.
   image_cfg, text_cfg = model_config.image, model_config.text
   size = decode_variant(
@@ -111,6 +117,11 @@ def create_model(
     mlp_dim=image_cfg.mlp_dim,
     num_heads=image_cfg.num_heads,
   )
+  head_dims = {
+    "image": size.width // size.num_heads,
+    "text": text_cfg.width // text_cfg.num_heads,
+  }
+  check_attention(model_config.attention, dtype, head_dims)
   if image_cfg.image_size % size.patch_size:
     raise ValueError(
       f"config.model.image.image_size={image_cfg.image_size} is not a multiple of the "
@@ -124,6 +135,8 @@ def create_model(
     remat=model_config.remat,
     dtype=dtype,
     tuning=tuning.get("visual", NO_TUNING),
+    attention=model_config.attention,
+    scan_layers=model_config.scan_layers,
     **vit_options(image_cfg),
   )
   if text_cfg.vocab_size is not None and text_cfg.vocab_size < vocab_size:
@@ -142,10 +155,14 @@ def create_model(
     dtype=dtype,
     tuning=tuning.get("text", NO_TUNING),
     pad_id=pad_id,
+    attention=model_config.attention,
   )
   if text_cfg.kind == "clip":
     text = TextTransformer(
-      context_length=text_cfg.context_length, activation=model_config.activation, **common
+      context_length=text_cfg.context_length,
+      activation=model_config.activation,
+      scan_layers=model_config.scan_layers,
+      **common,
     )
   elif text_cfg.kind == "bert":
     if text_cfg.pooling not in POOLINGS:

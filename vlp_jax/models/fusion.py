@@ -39,11 +39,18 @@ class FusionLayer(BertLayer):
   may be wider or narrower than the text (ALBEF: ViT width = BERT width, both 768).
   """
 
-  def cross_attention(self, x: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def cross_attention(
+    self, x: jax.Array, image: jax.Array, image_index: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     batch, length, width = x.shape
     q = self._heads(x, "cross_query", width)
     k = self._heads(image, "cross_key", width)
     v = self._heads(image, "cross_value", width)
+    if image_index is not None:
+      # Keys and values once per distinct image, then one copy per text row: ALBEF's ITM
+      # rows reuse each image up to four times, and the (N, Wi) x (Wi, W) projections
+      # are most of a fusion layer's work.
+      k, v = k[image_index], v[image_index]
     # Explicit softmax (not the fused kernel): the flow needs the weights, and with a
     # few dozen text tokens the (T, N) matrix is small.
     scale = (width // self.num_heads) ** -0.5
@@ -55,10 +62,11 @@ class FusionLayer(BertLayer):
 
   @nn.compact
   def __call__(  # type: ignore[override]
-    self, x: jax.Array, mask: jax.Array, image: jax.Array
+    self, x: jax.Array, mask: jax.Array, image: jax.Array, image_index: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array]:
-    """x (B, T, W), mask (B, T) true at attendable text tokens, image (B, N, Wi)."""
-    x, flow = self.cross_attention(self.self_attention(x, mask), image)
+    """x (B, T, W), mask (B, T) true at attendable text tokens, image (B, N, Wi); or
+    image (M, N, Wi) and image_index (B,) int: text row b attends to image[image_index[b]]."""
+    x, flow = self.cross_attention(self.self_attention(x, mask), image, image_index)
     return self.feed_forward(x), flow
 
 

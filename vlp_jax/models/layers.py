@@ -7,11 +7,17 @@ mlp.c_fc, mlp.c_proj, resblocks_<i>) so checkpoints map one to one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vlp_jax import sharding
 
 # torch.nn.LayerNorm's default; flax's is 1e-6. Needed for parity with open_clip.
 LAYER_NORM_EPS = 1e-5
@@ -128,6 +134,115 @@ def maybe_adapter(x: jax.Array, name: str, tuning: Tuning, dtype: jnp.dtype) -> 
   return Adapter(tuning.adapter_reduction, dtype, name=name)(x)
 
 
+# config.model.attention: "auto" takes cuDNN flash attention where it can run, XLA's
+# attention elsewhere; "cudnn" insists (and fails before compute where it cannot run).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# config.model.dtype "auto": bfloat16 compute where the matmul units are made for it.
+_BFLOAT16_BACKENDS = ("gpu", "tpu")
+
+
+def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+  """`config.model.dtype` -> the compute dtype: "auto" is bfloat16 on `backend` "gpu" or
+  "tpu" (default: jax.default_backend()) and float32 elsewhere; other names as they say.
+  Parameters stay float32 either way (master weights)."""
+  if name == "auto":
+    backend = backend or jax.default_backend()
+    return jnp.dtype(jnp.bfloat16 if backend in _BFLOAT16_BACKENDS else jnp.float32)
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise ValueError(
+      f"config.model.dtype={name!r} is not 'auto' or a dtype name such as 'bfloat16'"
+    ) from None
+
+
+def _cudnn_max_head_dim() -> int:
+  # jax's check_is_flash_attention: 256 from Hopper (compute capability 9.0) on, else 128.
+  capability = getattr(jax.devices("gpu")[0], "compute_capability", "0.0")
+  return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
+
+
+def cudnn_attention_problem(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+  """Why jax.nn.dot_product_attention(implementation="cudnn") cannot run with this
+  backend, compute dtype and head size (jax 0.10's checks), or None if it can."""
+  if backend != "gpu":
+    return f"it needs an NVIDIA GPU, and the backend is {backend!r}"
+  if "cuda" not in jax.devices("gpu")[0].client.platform_version:
+    return "it needs CUDA's cuDNN, and this GPU platform is not CUDA"
+  if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+    return f"it needs bfloat16 or float16 compute (config.model.dtype), not {jnp.dtype(dtype)}"
+  max_head_dim = _cudnn_max_head_dim()
+  if head_dim % 8 or head_dim > max_head_dim:
+    return f"it needs a head size that is a multiple of 8 up to {max_head_dim}, not {head_dim}"
+  return None
+
+
+def attention_implementation(requested: str, backend: str, dtype: jnp.dtype, head_dim: int) -> str:
+  """`config.model.attention` -> "xla" or "cudnn" for one attention shape; an explicit
+  "cudnn" that cannot run raises, naming the key, instead of falling back."""
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"config.model.attention={requested!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+    )
+  if requested == "xla":
+    return "xla"
+  problem = cudnn_attention_problem(backend, dtype, head_dim)
+  if problem and requested == "cudnn":
+    raise ValueError(
+      f"config.model.attention='cudnn': cuDNN flash attention cannot run here: {problem}. "
+      "Use 'auto' (cuDNN where it can run, XLA elsewhere) or 'xla'."
+    )
+  return "xla" if problem else "cudnn"
+
+
+def check_attention(
+  requested: str, dtype: jnp.dtype, head_dims: Mapping[str, int], backend: str | None = None
+) -> None:
+  """Fails before compute if `config.model.attention` cannot serve every tower's heads
+  ({tower: head size}); model builders call it with their resolved compute dtype."""
+  backend = backend or jax.default_backend()
+  for tower, head_dim in head_dims.items():
+    try:
+      attention_implementation(requested, backend, dtype, head_dim)
+    except ValueError as error:
+      raise ValueError(f"{error} (the {tower} tower's heads)") from None
+
+
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  implementation: str = "auto",
+  *,
+  is_causal: bool = False,
+  padding_mask: jax.Array | None = None,
+) -> jax.Array:
+  """Softmax attention of q (B, T, N, H) over k, v (B, S, N, H), logits and softmax in
+  float32, through jax.nn.dot_product_attention with `implementation` (a
+  config.model.attention value) resolved for this backend, dtype and head size.
+
+  padding_mask (B, S) is true at the keys that may be attended to. XLA applies it as a
+  mask; cuDNN takes it as key lengths (its fused kernel's padding form), which assumes
+  the padding is trailing, as every tokenizer here pads.
+  """
+  chosen = attention_implementation(implementation, jax.default_backend(), q.dtype, q.shape[-1])
+  # Keep the batch split over the batch axes and the heads whole: an FSDP-split in_proj
+  # would otherwise hand its layout to the heads (12 do not split over 8 devices).
+  q, k, v = (sharding.constrain_batch(t, tensor_dim=2) for t in (q, k, v))
+  if chosen == "cudnn":
+    lengths = None
+    if padding_mask is not None:
+      lengths = jnp.sum(padding_mask, axis=-1, dtype=jnp.int32)
+    out = jax.nn.dot_product_attention(
+      q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
+  else:
+    mask = None if padding_mask is None else padding_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  return sharding.constrain_batch(out, tensor_dim=2)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (open_clip's in_proj)."""
 
@@ -136,6 +251,7 @@ class Attention(nn.Module):
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
+  attention: str = "auto"  # config.model.attention: "auto", "xla" or "cudnn".
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -143,6 +259,7 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
+    x = sharding.constrain_batch(x)
     qkv = dense(
       3 * width,
       "in_proj",
@@ -150,8 +267,10 @@ class Attention(nn.Module):
       self.dtype,
       kernel_init=nn.initializers.normal(width**-0.5),
     )(x)
+    # Batch-split from the projection on: the FSDP-split in_proj is gathered instead.
+    qkv = sharding.constrain_batch(qkv, tensor_dim=2)
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    out = dot_product_attention(q, k, v, self.attention, is_causal=self.causal)
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
     return dense(
       width, "out_proj", self.tuning, self.dtype, kernel_init=nn.initializers.normal(out_std)
@@ -196,12 +315,19 @@ class ResidualBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
   layer_norm_eps: float = LAYER_NORM_EPS  # timm's ViTs: 1e-6.
+  attention: str = "auto"  # config.model.attention.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = maybe_adapter(x, "adapter_attn", self.tuning, self.dtype)
     x = x + Attention(
-      self.num_heads, self.causal, self.out_init_std, self.dtype, self.tuning, name="attn"
+      self.num_heads,
+      self.causal,
+      self.out_init_std,
+      self.dtype,
+      self.tuning,
+      attention=self.attention,
+      name="attn",
     )(layer_norm("ln_1", self.dtype, self.layer_norm_eps)(x))
     x = maybe_adapter(x, "adapter_mlp", self.tuning, self.dtype)
     x = x + Mlp(
@@ -227,14 +353,34 @@ def remat_policy_name(remat: bool | str) -> str:
   return name
 
 
-def with_remat(block_cls: type[nn.Module], remat: bool | str) -> type[nn.Module]:
-  """`block_cls`, rematerialised under the `config.model.remat` policy (unless "none")."""
+def with_remat(
+  block_cls: type[nn.Module], remat: bool | str, prevent_cse: bool = True
+) -> type[nn.Module]:
+  """`block_cls`, rematerialised under the `config.model.remat` policy (unless "none").
+
+  Inside a scan, `prevent_cse=False`: the scan already keeps XLA from merging the
+  recomputation into the forward pass, and the extra barriers would only slow it.
+  """
   policy = remat_policy_name(remat)
-  return block_cls if policy == "none" else nn.remat(block_cls, policy=REMAT_POLICIES[policy])
+  if policy == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+
+
+# The scanned layout's name for the stacked blocks, and the unrolled layout's block names.
+STACKED_BLOCKS = "resblocks"
+_UNROLLED_BLOCK = re.compile(rf"^{STACKED_BLOCKS}_(\d+)$")
 
 
 class Transformer(nn.Module):
-  """A stack of residual blocks named resblocks_<i>, with optional rematerialisation."""
+  """A stack of residual blocks with optional rematerialisation.
+
+  Unrolled (the default, and the layout of weight import/export): blocks named
+  resblocks_<i>. With `scan_layers`, one `nn.scan` over a single block whose parameters
+  are stacked under "resblocks" (leading axis = depth): XLA compiles one block instead of
+  `depth`, so compile time stops growing with depth. `stack_blocks` / `unstack_blocks`
+  convert parameter trees between the two layouts.
+  """
 
   depth: int
   num_heads: int
@@ -245,23 +391,132 @@ class Transformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
   layer_norm_eps: float = LAYER_NORM_EPS
+  scan_layers: bool = False  # config.model.scan_layers
+  attention: str = "auto"  # config.model.attention.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     # open_clip's residual-branch output scale: shrink with depth for stable early training.
     out_std = width**-0.5 * (2 * self.depth) ** -0.5
+    block_args = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      causal=self.causal,
+      activation=self.activation,
+      out_init_std=out_std,
+      dtype=self.dtype,
+      tuning=self.tuning,
+      layer_norm_eps=self.layer_norm_eps,
+      attention=self.attention,
+    )
+    if self.scan_layers:
+      block = with_remat(ResidualBlock, self.remat, prevent_cse=False)(
+        **block_args, name=STACKED_BLOCKS
+      )
+      scan = nn.scan(
+        lambda module, carry, _: (module(carry), None),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.depth,
+      )
+      return scan(block, x, None)[0]
     block_cls = with_remat(ResidualBlock, self.remat)
     for i in range(self.depth):
-      x = block_cls(
-        self.num_heads,
-        self.mlp_dim,
-        self.causal,
-        self.activation,
-        out_std,
-        self.dtype,
-        self.tuning,
-        self.layer_norm_eps,
-        name=f"resblocks_{i}",
-      )(x)
+      x = block_cls(**block_args, name=f"{STACKED_BLOCKS}_{i}")(x)
     return x
+
+
+# ---------------------------------------------------------------- parameter layouts
+
+
+def _is_unrolled_parent(node: Any) -> bool:
+  return isinstance(node, Mapping) and any(_UNROLLED_BLOCK.match(str(k)) for k in node)
+
+
+def _is_stacked_parent(node: Any) -> bool:
+  return isinstance(node, Mapping) and STACKED_BLOCKS in node
+
+
+def has_stacked_blocks(tree: Any) -> bool:
+  """Whether `tree` (parameters, a train state...) holds scanned-layout blocks."""
+  found = []
+  jax.tree_util.tree_map(
+    lambda node: found.append(_is_stacked_parent(node)), tree, is_leaf=_is_stacked_parent
+  )
+  return any(found)
+
+
+def _stacked_sharding(sharding: Any, add: bool) -> Any:
+  """A NamedSharding with the layer axis added (replicated: the scan slices it) or
+  removed; other shardings (one device) fit either layout."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  return NamedSharding(sharding.mesh, PartitionSpec(*((None, *spec) if add else spec[1:])))
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+  first = leaves[0]
+  if hasattr(first, "shape") and any(leaf.shape != first.shape for leaf in leaves):
+    raise ValueError(f"blocks have shapes {sorted({leaf.shape for leaf in leaves})}: not stackable")
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(
+      (len(leaves), *first.shape), first.dtype, sharding=_stacked_sharding(first.sharding, True)
+    )
+  if isinstance(first, np.ndarray | np.generic):
+    return np.stack(leaves)
+  if isinstance(first, jax.Array):
+    return jnp.stack(leaves)
+  if any(leaf != first for leaf in leaves):  # Labels (peft, optimizer groups) and the like.
+    raise ValueError(f"blocks differ ({sorted(set(map(str, leaves)))}): they cannot be stacked")
+  return first
+
+
+def _unstack_leaf(leaf: Any, depth: int) -> list[Any]:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    sharding = _stacked_sharding(leaf.sharding, False)
+    return [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)] * depth
+  if isinstance(leaf, np.ndarray | jax.Array):
+    return [leaf[i] for i in range(depth)]
+  return [leaf] * depth
+
+
+def _stack_node(node: Any) -> Any:
+  if not _is_unrolled_parent(node):
+    return node
+  blocks = sorted((int(m.group(1)), k) for k in node if (m := _UNROLLED_BLOCK.match(str(k))))
+  if [i for i, _ in blocks] != list(range(len(blocks))):
+    raise ValueError(f"blocks {[k for _, k in blocks]} are not numbered 0..{len(blocks) - 1}")
+  out = {k: v for k, v in node.items() if not _UNROLLED_BLOCK.match(str(k))}
+  out[STACKED_BLOCKS] = jax.tree.map(_stack_leaves, *(node[k] for _, k in blocks))
+  return type(node)(out) if not isinstance(node, dict) else out
+
+
+def _unstack_node(node: Any) -> Any:
+  if not _is_stacked_parent(node):
+    return node
+  stacked = node[STACKED_BLOCKS]
+  depths = {leaf.shape[0] for leaf in jax.tree.leaves(stacked) if hasattr(leaf, "shape")}
+  if len(depths) != 1:
+    raise ValueError(f"stacked blocks have leading axes {sorted(depths)}, not one depth")
+  (depth,) = depths
+  leaves, treedef = jax.tree.flatten(stacked)
+  columns = [_unstack_leaf(leaf, depth) for leaf in leaves]
+  out = {k: v for k, v in node.items() if k != STACKED_BLOCKS}
+  for i in range(depth):
+    out[f"{STACKED_BLOCKS}_{i}"] = jax.tree.unflatten(treedef, [c[i] for c in columns])
+  return type(node)(out) if not isinstance(node, dict) else out
+
+
+def stack_blocks(tree: Any) -> Any:
+  """Unrolled layout (resblocks_0..N-1) -> scanned layout (one "resblocks" subtree whose
+  leaves have a leading axis N), wherever blocks appear in `tree`: parameters, optimizer
+  moments, a whole train state, labels, or their ShapeDtypeStructs (shardings get a
+  replicated layer axis). A tree already scanned is returned as it is."""
+  return jax.tree_util.tree_map(_stack_node, tree, is_leaf=_is_unrolled_parent)
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """The inverse of `stack_blocks`: scanned layout -> resblocks_<i> (exact: slices)."""
+  return jax.tree_util.tree_map(_unstack_node, tree, is_leaf=_is_stacked_parent)

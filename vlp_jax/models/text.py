@@ -39,6 +39,9 @@ class TextTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   pad_id: int = PAD_ID  # The tokeniser's padding id; pooling skips trailing padding.
+  # One nn.scan over stacked blocks (config.model.scan_layers; layers.Transformer).
+  scan_layers: bool = False
+  attention: str = "auto"  # config.model.attention (layers.dot_product_attention).
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -63,6 +66,8 @@ class TextTransformer(nn.Module):
       remat=self.remat,
       dtype=self.dtype,
       tuning=self.tuning,
+      scan_layers=self.scan_layers,
+      attention=self.attention,
       name="transformer",
     )(x)
     x = layer_norm("ln_final", self.dtype)(x)

@@ -92,6 +92,9 @@ class VisionTransformer(nn.Module):
   patch_bias: bool = False  # A bias on the patch embedding conv1 (timm, MAE).
   pre_norm: bool = True  # ln_pre after the embeddings (CLIP); timm / MAE ViTs have none.
   pool: str = "cls"  # One of POOLS: the class token, or the mean of the patch tokens.
+  # One nn.scan over stacked blocks (config.model.scan_layers; layers.Transformer).
+  scan_layers: bool = False
+  attention: str = "auto"  # config.model.attention (layers.dot_product_attention).
 
   @property
   def num_patches(self) -> int:
@@ -141,6 +144,8 @@ class VisionTransformer(nn.Module):
       dtype=self.dtype,
       tuning=self.tuning,
       layer_norm_eps=self.layer_norm_eps,
+      scan_layers=self.scan_layers,
+      attention=self.attention,
       name="transformer",
     )(x)
     ln_post = layer_norm("ln_post", self.dtype, self.layer_norm_eps)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from vlp_jax.models.layers import unstack_blocks
 from vlp_jax.weights import hf_clip, mapping, open_clip, timm_vit
 from vlp_jax.weights.mapping import Params
 from vlp_jax.weights.state_dict import (
@@ -247,18 +248,26 @@ def load_tower_params(kind: str, path: str, template: Params, *, source: str = "
   tower) and, for "image" / "text", everything outside that part keep the template's
   values; every other missing, mis-shaped or unused parameter raises a WeightsError that
   names them. Returns a new tree: NumPy arrays where loaded, the template's leaves
-  elsewhere (place it with jax.device_put and the state's shardings).
+  elsewhere (place it with jax.device_put and the state's shardings), in the template's
+  block layout (scanned or not, config.model.scan_layers) whatever the source's.
   """
   if kind not in KINDS:
     raise ValueError(f"kind {kind!r} is not one of {tuple(KINDS)}")
   if isinstance(template, Mapping) and "params" in template and len(template) == 1:
     template = template["params"]
+  return mapping.in_unrolled_layout(
+    template, lambda unrolled: _load_tower_params(kind, path, unrolled, source)
+  )
+
+
+def _load_tower_params(kind: str, path: str, template: Params, source: str) -> Params:
   parts = KINDS[kind] or tuple(template)
   missing = [p for p in parts if p not in template]
   if missing:
     raise WeightsError(f"the model has no {missing} to load into (kind={kind!r})")
   if os.path.isfile(os.path.join(path, INFO_FILE)) or _run_checkpoint_dir(path):
     saved, info = read_params(path)
+    saved = unstack_blocks(saved)  # A run trained with config.model.scan_layers.
     if kind == "model":  # The parts the checkpoint has (+ SigLIP's logit_bias, see below).
       parts = tuple(p for p in template if p in saved or p == "logit_bias")
       if left := sorted(set(template) - set(parts)):

@@ -107,7 +107,8 @@ def import_hf_clip(
       ),
     )
 
-  return mapping.complete(mapping.with_tower_root(template, run), module)
+  params = mapping.in_unrolled_layout(template, lambda t: mapping.with_tower_root(t, run))
+  return mapping.complete(params, module)
 
 
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}

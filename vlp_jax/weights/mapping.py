@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vlp_jax.models.layers import has_stacked_blocks, stack_blocks, unstack_blocks
 from vlp_jax.models.vit import VIT_SIZES
 from vlp_jax.weights.state_dict import (
   StateDict,
@@ -255,6 +256,14 @@ def with_tower_root(template: Any, fn: Callable[[Any], Params]) -> Params:
       if marker in template:
         return fn({root: template})[root]
   return fn(template)
+
+
+def in_unrolled_layout(template: Any, fn: Callable[[Any], Params]) -> Params:
+  """Runs `fn` on the unrolled view (resblocks_<i>, the layout every checkpoint format
+  maps to) of `template`, and returns its result in the template's layout: stacked again
+  when the template's blocks are scanned (config.model.scan_layers)."""
+  params = fn(unstack_blocks(template))
+  return stack_blocks(params) if has_stacked_blocks(template) else params
 
 
 def as_state_dict(state_dict_or_path: str | os.PathLike | Mapping[str, Any]) -> StateDict:

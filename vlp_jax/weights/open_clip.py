@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from vlp_jax.models.layers import unstack_blocks
 from vlp_jax.weights import mapping
 from vlp_jax.weights.mapping import Params, Source
 from vlp_jax.weights.state_dict import WeightsError, flatten
@@ -128,7 +129,7 @@ def import_open_clip(
       hints=_hints,
     )
 
-  params = mapping.with_tower_root(template, run)
+  params = mapping.in_unrolled_layout(template, lambda t: mapping.with_tower_root(t, run))
   return mapping.complete(params, module)
 
 
@@ -152,10 +153,12 @@ def export_open_clip(params: Params, *, lora_alpha: float | None = None) -> dict
   config.peft.lora_alpha and must be given when the parameters hold LoRA factors).
   Adapters (LilT) and a patch-embedding bias have no open_clip counterpart: WeightsError.
   Models with pre_norm=False, pool="mean" or a non-default layer-norm epsilon export, but
-  open_clip needs the matching model config (open_clip_model_cfg).
+  open_clip needs the matching model config (open_clip_model_cfg). Scanned blocks
+  (config.model.scan_layers) export as open_clip's numbered resblocks.
   """
   if "params" in params and len(params) == 1:
     params = params["params"]
+  params = unstack_blocks(params)
   flat = {p: np.asarray(v, dtype=np.float32) for p, v in flatten(params).items()}
   adapters = sorted(p for p in flat if is_adapter(p))
   if adapters:

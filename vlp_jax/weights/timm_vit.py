@@ -156,7 +156,8 @@ def import_timm_vit(
       hints=_hints,
     )
 
-  return mapping.complete(mapping.with_tower_root(template, run), module)
+  params = mapping.in_unrolled_layout(template, lambda t: mapping.with_tower_root(t, run))
+  return mapping.complete(params, module)
 
 
 def config_from_timm(
