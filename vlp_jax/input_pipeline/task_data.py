@@ -35,6 +35,7 @@ Malformed files raise `TaskDataError` naming the file and the line or key.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -410,14 +411,17 @@ class _TaskRows(grain.transforms.RandomMap):
 
   image_fields: ClassVar[tuple[str, ...]] = ("image",)
 
+  @abc.abstractmethod
   def paths(self, example: Any) -> list[str]:
-    raise NotImplementedError
+    """The image files of `example`, in `image_fields` order."""
 
+  @abc.abstractmethod
   def fields(self, example: Any, extra: Any) -> dict[str, Any]:
-    raise NotImplementedError
+    """The row's non-image fields."""
 
+  @abc.abstractmethod
   def padding(self) -> dict[str, Any]:
-    raise NotImplementedError
+    """The non-image fields of a padding row (no example)."""
 
   def random_map(self, element: tuple[Any, Any], rng: np.random.Generator) -> dict | None:
     example, extra = element
