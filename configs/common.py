@@ -136,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.albef.momentum = 0.995  # EMA of the momentum encoders, updated before they run.
   # Momentum features kept per modality (ALBEF: 65,536); a multiple of batch_size.
   config.albef.queue_size = 65_536
+  # Steps during which ITA contrasts the batch alone (the queues still fill). 0, as ALBEF,
+  # whose towers start pretrained; from random init the towers' features are nearly one
+  # vector, and stale queue rows let ITA fall by drifting the batch away from them
+  # instead of telling its pairs apart (configs/demo.py's ALBEF never learned ITA).
+  config.albef.queue_warmup_steps = 0
   config.albef.alpha = 0.4  # Weight of the momentum model's soft targets (ITA and MLM).
   # alpha rises linearly from 0 over these steps; 0: one epoch of config.data.train.
   config.albef.alpha_ramp_steps = 0
@@ -384,6 +389,7 @@ RULES: dict[str, Rule] = {
   "albef.fusion_layer": at_least(0),  # <= model.text.depth: methods/albef.py.
   "albef.momentum": in_range(0, 1),
   "albef.queue_size": at_least(1),  # A multiple of batch_size: methods/albef.py.
+  "albef.queue_warmup_steps": at_least(0),
   "albef.alpha": in_range(0, 1),
   "albef.alpha_ramp_steps": at_least(0),  # 0: one epoch.
   "albef.temperature": positive(),

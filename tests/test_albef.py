@@ -40,6 +40,7 @@ def tiny_albef_config(cache_dir: str = "", steps: int = 4) -> ml_collections.Con
   config.model.text.depth = 2
   config.albef.fusion_layer = 1
   config.albef.queue_size = 2 * BATCH
+  config.albef.queue_warmup_steps = 0  # The queue in every loss, as ALBEF.
   config.albef.alpha_ramp_steps = 10
   config.eval.rerank_k = 4
   return config
@@ -80,6 +81,19 @@ def test_itm_negatives_never_pick_the_positive_or_an_excluded_row():
   allowed = (~banned).sum(1)
   seen = np.array([len(set(images[:, r])) for r in range(6)])
   assert (seen == allowed).all()
+
+
+def test_queue_warmup_leaves_the_queue_out_of_ita():
+  rng = np.random.default_rng(0)
+  unit = lambda *shape: (x := rng.normal(size=shape)) / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  feats = [jnp.asarray(unit(4, 8), jnp.float32) for _ in range(4)]
+  filled = buffers.FeatureQueue(jnp.asarray(unit(8, 8), jnp.float32), jnp.int32(4), jnp.int32(4))
+  empty = filled.replace(filled=jnp.int32(0))
+  args = (jnp.float32(0.07), jnp.float32(0.4))
+  with_queue = albef.ita_loss(*feats, filled, filled, *args)[0]
+  warming_up = albef.ita_loss(*feats, filled, filled, *args, use_queue=False)[0]
+  batch_only = albef.ita_loss(*feats, empty, empty, *args)[0]
+  assert float(warming_up) == float(batch_only) != float(with_queue)
 
 
 def test_alpha_ramps_linearly_over_the_configured_steps():

@@ -45,6 +45,7 @@ def cmask_config(
   config.model.text.depth = 2
   config.albef.fusion_layer = 1
   config.albef.queue_size = 2 * batch_size
+  config.albef.queue_warmup_steps = 0  # The queue in every loss, as ALBEF.
   config.albef.alpha_ramp_steps = 4
   config.eval.tasks = ""
   config.seed = 0

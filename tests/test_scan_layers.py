@@ -296,3 +296,24 @@ def test_checkpoints_restore_across_layouts_both_ways(
   other = with_model(exp, scanned(create_model(two_block_config.model, exp.tokenizer.vocab_size)))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="resblocks"):
     checkpointing.require_match(manager, 1, abstract_of(other))
+
+
+@pytest.mark.parametrize("method", ["albef", "vlc", "bert_text"])
+def test_towers_without_a_scanned_layout_refuse_it_by_name(method):
+  from configs import demo
+  from vlp_jax.methods import vlc
+  from vlp_jax.models.albef import create_albef_model
+
+  config = demo.get_config("method=contrastive" if method == "bert_text" else f"method={method}")
+  config.model.scan_layers = True
+  build = {
+    "albef": lambda: create_albef_model(config.model, config.albef, 1000, 0),
+    "vlc": lambda: vlc.create_model(config, 1000, 0, 16),
+    "bert_text": lambda: create_model(config.model, 1000),
+  }[method]
+  if method == "bert_text":
+    config.model.text.kind = "bert"
+  with pytest.raises(ValueError, match=r"config\.model\.scan_layers=True"):
+    build()
+  config.model.scan_layers = False
+  build()  # The unrolled layout builds.

@@ -80,17 +80,19 @@ def ita_loss(
   text_queue: buffers.FeatureQueue,
   temperature: jax.Array,
   alpha: jax.Array,
+  use_queue: jax.Array | bool = True,
 ) -> tuple[jax.Array, Metrics, jax.Array, jax.Array]:
   """ALBEF's contrastive loss with momentum distillation, on unit features (B, E).
 
   Each online image is scored against [momentum texts of the batch; text queue] (and
   each text against the images alike), divided by the temperature; its targets are
   alpha * softmax(the momentum image's scores) + (1 - alpha) * one-hot(own caption).
+  `use_queue` false leaves the queue out (config.albef.queue_warmup_steps).
   Returns (loss, metrics, i2t logits (B, B + Q), t2i logits (B, B + Q)).
   """
   rows = image_feat.shape[0]
-  allowed = jnp.concatenate([jnp.ones((rows,), bool), text_queue.valid()])
-  allowed_images = jnp.concatenate([jnp.ones((rows,), bool), image_queue.valid()])
+  allowed = jnp.concatenate([jnp.ones((rows,), bool), text_queue.valid() & use_queue])
+  allowed_images = jnp.concatenate([jnp.ones((rows,), bool), image_queue.valid() & use_queue])
   text_all = jnp.concatenate([text_feat_m, text_queue.features.astype(text_feat_m.dtype)])
   image_all = jnp.concatenate([image_feat_m, image_queue.features.astype(image_feat_m.dtype)])
 
@@ -169,6 +171,7 @@ class Albef(Method):
   context_length: int
   momentum: float = 0.995
   queue_size: int = 65_536
+  queue_warmup_steps: int = 0  # Steps of ITA over the batch alone, the queue left out.
   alpha: float = 0.4
   alpha_ramp_steps: int = 0  # 0: alpha from step 0.
   mlm_probability: float = 0.15
@@ -214,6 +217,7 @@ class Albef(Method):
     mask = tokens != self.model.text.pad_id
     itm_rng, mlm_rng = jax.random.split(rng)
     alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
+    use_queue = jnp.asarray(step) >= self.queue_warmup_steps
     temperature = self._apply(online, method=AlbefModel.temperature)
 
     # The momentum model moves first, then runs (ALBEF's _momentum_update in no_grad).
@@ -252,6 +256,7 @@ class Albef(Method):
       extra["text_queue"],
       temperature,
       alpha,
+      use_queue,
     )
     negative_images, negative_texts = self.draw_negatives(itm_rng, tokens, sim_i2t, sim_t2i)
     masked_states, _ = self._apply(online, choice.inputs, mask, method=AlbefModel.encode_text)
@@ -289,6 +294,7 @@ class Albef(Method):
       "temperature": temperature,
       "alpha": alpha,
       "queue_filled": extra["image_queue"].filled,
+      "ita_uses_queue": use_queue.astype(jnp.float32),
       **feedback_metrics,
     }
     return loss, (metrics, new_extra)
@@ -504,6 +510,7 @@ def create(ctx: MethodContext, **overrides: Any) -> Albef:
     context_length=ctx.tokenizer.context_length,
     momentum=albef.momentum,
     queue_size=albef.queue_size,
+    queue_warmup_steps=albef.queue_warmup_steps,
     alpha=albef.alpha,
     alpha_ramp_steps=albef.alpha_ramp_steps or _epoch_steps(ctx),
     mlm_probability=albef.mlm_probability,

@@ -43,7 +43,7 @@ from vlp_jax.methods.base import (
   Params,
   PredictFn,
 )
-from vlp_jax.models.layers import compute_dtype
+from vlp_jax.models.layers import compute_dtype, refuse_scan_layers
 from vlp_jax.models.single_stream import MaeDecoder, SingleStream, SingleStreamEncoder
 from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, decode_variant, normalize_pixels, patchify
 
@@ -387,6 +387,7 @@ def create_model(
 ) -> SingleStream:
   """The SingleStream of config.model (encoder) and config.vlc (decoder)."""
   image, text, vlc = config.model.image, config.model.text, config.vlc
+  refuse_scan_layers(config.model.get("scan_layers", False), "VLC's single-stream encoder")
   size = decode_variant(
     image.variant,
     width=image.width,

@@ -207,6 +207,7 @@ def create_albef_model(
   """AlbefModel from config.model (image tower, BERT text tower, embed_dim, dtype, remat)
   and config.albef (fusion_layer, temperature); ValueError naming a bad key."""
   remat_policy_name(model_config.remat)
+  layers.refuse_scan_layers(model_config.get("scan_layers", False), "ALBEF's towers")
   image_cfg, text_cfg = model_config.image, model_config.text
   if text_cfg.kind != "bert":
     raise ValueError(f"config.model.text.kind={text_cfg.kind!r}: ALBEF's text encoder is 'bert'")

@@ -17,6 +17,7 @@ from vlp_jax.models.layers import (
   Tuning,
   check_attention,
   compute_dtype,
+  refuse_scan_layers,
   remat_policy_name,
 )
 from vlp_jax.models.text import PAD_ID, TextTransformer
@@ -165,6 +166,7 @@ def create_model(
       **common,
     )
   elif text_cfg.kind == "bert":
+    refuse_scan_layers(model_config.scan_layers, "BERT text towers")
     if text_cfg.pooling not in POOLINGS:
       raise ValueError(f"config.model.text.pooling={text_cfg.pooling!r} is not one of {POOLINGS}")
     positions = text_cfg.max_positions or text_cfg.context_length

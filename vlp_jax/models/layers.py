@@ -345,6 +345,16 @@ REMAT_POLICIES = {
 }
 
 
+def refuse_scan_layers(scan_layers: bool, towers: str) -> None:
+  """Fails before compute where `config.model.scan_layers` asks for a stacked layout that
+  `towers` do not have (their blocks differ per depth or their importers map per block)."""
+  if scan_layers:
+    raise ValueError(
+      f"config.model.scan_layers=True: {towers} have no scanned layout; set it to False "
+      "(scanning serves the CLIP-style ViT and text towers)"
+    )
+
+
 def remat_policy_name(remat: bool | str) -> str:
   """Normalises `config.model.remat` (a policy name; True/False mean "full"/"none")."""
   name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
