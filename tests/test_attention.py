@@ -54,6 +54,30 @@ def test_padding_mask_matches_explicit_softmax_and_ignores_padded_keys():
   np.testing.assert_array_equal(changed, out)
 
 
+def test_cpu_heads_major_path_matches_jax_attention_values_and_gradients():
+  # The CPU path's own layout must be jax.nn.dot_product_attention's XLA math exactly:
+  # self- and cross-attention, causal and padded, forward and backward.
+  q, _, _ = _qkv(length=5, seed=1)
+  _, k, v = _qkv(length=7, seed=2)
+  padding = jnp.arange(7)[None] < jnp.array([[7], [4]])
+  for causal, mask in ((False, None), (True, None), (False, padding), (True, padding)):
+
+    def ours(q, k, v, causal=causal, mask=mask):
+      return layers.dot_product_attention(q, k, v, "xla", is_causal=causal, padding_mask=mask)
+
+    def jaxs(q, k, v, causal=causal, mask=mask):
+      jax_mask = None if mask is None else mask[:, None, None, :]
+      return jax.nn.dot_product_attention(q, k, v, mask=jax_mask, is_causal=causal)
+
+    np.testing.assert_allclose(ours(q, k, v), jaxs(q, k, v), atol=1e-5)
+    grads = [
+      jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+      for f in (ours, jaxs)
+    ]
+    for g_ours, g_jax in zip(*grads, strict=True):
+      np.testing.assert_allclose(g_ours, g_jax, atol=1e-5)
+
+
 def test_bert_self_attention_ignores_padding_tokens():
   layer = bert.BertLayer(num_heads=2, mlp_dim=32)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))

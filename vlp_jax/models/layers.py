@@ -237,10 +237,33 @@ def dot_product_attention(
     out = jax.nn.dot_product_attention(
       q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn"
     )
+  elif jax.default_backend() == "cpu":
+    out = _heads_major_attention(q, k, v, is_causal, padding_mask)
   else:
     mask = None if padding_mask is None else padding_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return sharding.constrain_batch(out, tensor_dim=2)
+
+
+def _heads_major_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, padding_mask: jax.Array | None
+) -> jax.Array:
+  """jax.nn.dot_product_attention's XLA math with the heads moved ahead of the tokens
+  (B, N, T, H) first: XLA's CPU dots then run on contiguous per-head matrices, ~1.3x
+  faster forward + backward at ViT-B/16's shape than the (B, T, N, H) einsums."""
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+  logits = logits * q.shape[-1] ** -0.5
+  allowed = None
+  if padding_mask is not None:
+    allowed = padding_mask[:, None, None, :]
+  if is_causal:
+    causal = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
+    allowed = causal if allowed is None else allowed & causal
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.matmul(weights, v), 1, 2)
 
 
 class Attention(nn.Module):

@@ -80,16 +80,10 @@ class MaskedAttention(nn.Module):
       kernel_init=nn.initializers.normal(width**-0.5),
     )(x)
     head_dim = width // self.num_heads
-    qkv = jnp.swapaxes(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 1, 2)
-    q, k, v = jnp.split(qkv, 3, axis=1)  # (B, heads, L, head_dim) each.
-    # Written out in (B, heads, L, D) layout: on CPU ~1.5x faster than
-    # jax.nn.dot_product_attention's XLA path for both VLC shapes (forward + backward).
-    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim**-0.5
-    if mask is not None:
-      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", weights, v), 1, 2)
+    q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
+    # Not cuDNN: its key lengths assume trailing padding, and the text's padding sits
+    # between the text and the image tokens.
+    out = layers.dot_product_attention(q, k, v, "xla", padding_mask=mask)
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
     return layers.dense(
       width, "out_proj", layers.NO_TUNING, self.dtype, kernel_init=nn.initializers.normal(out_std)
