@@ -2,6 +2,8 @@ r"""VLC ViT-B/16 pretraining step (configs/vlc_vitb16.py, 384 px, 40 tokens) on 
 
   python benchmarks/vlc.py [--batch_size=8] [--steps=2] [--warmup=1]
   python benchmarks/vlc.py --smoke   # a tiny model, one step: checks the script runs
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+    python benchmarks/vlc.py --remat=full   # every case (and CLIP) rematerialised
 
 One run measures the full vlp_jax train step (both passes, MAE decoder, AdamW):
 - with 60% patch masking and with none (the step-time ratio);
@@ -13,10 +15,11 @@ Each case runs in its own subprocess, its steps alternating with a CLIP step's: 
 shared machine the load changes from minute to minute, so every ratio compares steps
 timed side by side (case times in units of the CLIP step beside them). A case whose
 compiled step needs more than 80% of the available memory is compiled (FLOPs, memory)
-but not run: on CPU, XLA keeps every attention matrix for the backward pass, so batch 8
-needs 18.2 GB masked, 32.9 GB unmasked and 11.7 GB without the decoder (batch 4: 10.9 /
-18.4 / 7.8 GB; XLA's memory analysis, 2026-12-02), so `--batch_size=2` is what fits a 24 GB
-machine. Prints a table; writes benchmarks/results/vlc.json (the smoke run writes to a
+but not run. XLA's memory analysis of the unmasked step at batch 8 (2026-12-03, Intel
+Xeon): 23.9 GB (33 GB before the CPU attention kept only its weights for the backward
+pass); with --remat=full and XLA's concurrency-optimised CPU scheduler off (the flag
+above) 18.0 GB: that scheduler trades memory for parallel ops, and undoes remat's saving.
+Prints a table; writes benchmarks/results/vlc.json (the smoke run writes to a
 temporary directory), unless every case was skipped: that keeps the last measured file.
 """
 
@@ -105,6 +108,7 @@ def measure(args: argparse.Namespace) -> dict:
   clip_config.unlock()
   for key, value in CASES[args.case].items():
     config.vlc[key] = value
+  config.model.remat = clip_config.model.remat = args.remat
   if args.smoke:
     _smoke_sizes(config)
     _smoke_sizes(clip_config)
@@ -119,8 +123,8 @@ def measure(args: argparse.Namespace) -> dict:
     "step_times": [],
     "clip_step_times": [],
   }
-  # XLA's CPU attention keeps every (heads, L, L) matrix for the backward pass: the
-  # unmasked B/16 step at batch 8 needs ~33 GB. Refuse rather than wake the OOM killer.
+  # Attention weights, (heads, L, L) per layer, stay for the backward pass: the
+  # unmasked B/16 step at batch 8 needs ~24 GB. Refuse rather than wake the OOM killer.
   available = _available_memory()
   if available is not None and needed > 0.8 * available:
     result["skipped"] = f"needs {needed / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
@@ -157,6 +161,9 @@ def main() -> None:
   parser = common.create_parser(__doc__.split("\n")[0], steps=2, results_name="vlc.json")
   parser.add_argument("--smoke", action="store_true", help="a tiny model, one step")
   parser.add_argument("--case", help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--remat", default="none", help="config.model.remat of every case and the CLIP step"
+  )
   parser.set_defaults(warmup=1)
   args = parser.parse_args()
   if args.case:
@@ -167,7 +174,11 @@ def main() -> None:
     if args.out == parser.get_default("out"):
       args.out = os.path.join(tempfile.mkdtemp(), "vlc_smoke.json")
 
-  flags = [*common.shared_flags(args), *(["--smoke"] if args.smoke else [])]
+  flags = [
+    *common.shared_flags(args),
+    f"--remat={args.remat}",
+    *(["--smoke"] if args.smoke else []),
+  ]
   results = {case: common.run_isolated(__file__, [*flags, f"--case={case}"]) for case in CASES}
   for r in results.values():
     # The fastest step: the least disturbed by other work on the machine.
@@ -196,7 +207,8 @@ def main() -> None:
   print(
     f"VLC {masked['variant']} pretraining step, batch {args.batch_size}, "
     f"{masked['image_size']} px; CLIP {masked['variant']} step at {masked['clip_image_size']} "
-    f"px timed beside each case; best of {args.steps}{' (smoke)' if args.smoke else ''}"
+    f"px timed beside each case; remat {args.remat}; best of {args.steps}"
+    f"{' (smoke)' if args.smoke else ''}"
   )
   print("| case | GFLOP / step | memory (GB) | step (s) | GFLOP/s | CLIP step (s) | CLIP GFLOP/s |")
   print("|---|---|---|---|---|---|---|")
@@ -222,6 +234,8 @@ def main() -> None:
       "benchmark": "vlc",
       "variant": args.variant,
       "batch_size": args.batch_size,
+      "remat": args.remat,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "smoke": args.smoke,
       "results": results,
       **summary,

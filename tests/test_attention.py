@@ -78,6 +78,23 @@ def test_cpu_heads_major_path_matches_jax_attention_values_and_gradients():
       np.testing.assert_allclose(g_ours, g_jax, atol=1e-5)
 
 
+def test_cpu_path_keeps_only_the_attention_weights_for_the_backward_pass():
+  # What makes long sequences fit (VLC's 617 tokens): one (T, S) array per attention
+  # between forward and backward, where autodiff of the plain math keeps four.
+  q, _, _ = _qkv(length=5, seed=1)
+  _, k, v = _qkv(length=7, seed=2)
+  padding = jnp.arange(7)[None] < jnp.array([[7], [4]])
+
+  def kept(f):
+    vjp = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(f, *a)[1]), q, k, v)
+    return [r.dtype for r in vjp if r.shape[-2:] == (5, 7) and r.size > 7 * 5]
+
+  ours = kept(lambda q, k, v: layers.dot_product_attention(q, k, v, "xla", padding_mask=padding))
+  assert ours == [jnp.float32]
+  mask = padding[:, None, None, :]
+  assert len(kept(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))) > 1
+
+
 def test_bert_self_attention_ignores_padding_tokens():
   layer = bert.BertLayer(num_heads=2, mlp_dim=32)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))

@@ -209,7 +209,8 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
   for run in ("two", "one"):
     manager = checkpointing.create_checkpoint_manager(str(tmp_path / run), tiny_config)
     restored.append(jax.device_get(checkpointing.restore_state(manager, 5, abstract).params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *restored)
+  # Summation order differs across processes: parameters near zero differ by ~2e-6.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *restored)
 
 
 def test_mfu_uses_the_compiled_step_flops(tiny_config, tmp_path):
