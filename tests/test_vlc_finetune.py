@@ -30,6 +30,7 @@ from vlp_jax import evaluation, experiment, optim, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import finetune, nlvr2, readers, vqa
 from vlp_jax.evaluation.embedding import Embedder, ImageRef
+from vlp_jax.input_pipeline import builtin_tasks
 from vlp_jax.methods import DataContext, MethodContext, vlc, vlc_tasks
 from vlp_jax.models.single_stream import SingleStreamEncoder
 
@@ -340,7 +341,9 @@ def test_vqa_and_nlvr2_results_use_the_official_metrics_and_files(builtin_sets, 
 
   embedder = mesh_embedder(WordTokenizer())
   results = finetune.VqaTask("builtin-vqa", val, answers, vqa_logits).evaluate(embedder, {})
-  results += finetune.Nlvr2Task("builtin-nlvr2", dev, nlvr2_logits).evaluate(embedder, {})
+  statement_kind = finetune.builtin_statement_kind
+  nlvr2_task = finetune.Nlvr2Task("builtin-nlvr2", dev, nlvr2_logits, statement_kind)
+  results += nlvr2_task.evaluate(embedder, {})
   evaluation.log_and_write(results, 5, str(tmp_path), metric_writers.LoggingWriter())
   step = tmp_path / "eval" / "step_00000005"
 
@@ -368,6 +371,9 @@ def test_vqa_and_nlvr2_results_use_the_official_metrics_and_files(builtin_sets, 
   result = json.loads((step / "builtin-nlvr2_nlvr2.json").read_text())["metrics"]
   assert result["accuracy"] == script["accuracy"] / 100
   assert result["consistency"] == script["consistency"] / 100
+  by_kind = nlvr2.accuracy_by_group(predicted, dev, statement_kind)
+  assert set(by_kind) <= set(builtin_tasks.STATEMENT_KINDS) and len(by_kind) >= 3
+  assert all(result[f"accuracy/{k}"] == pytest.approx(v / 100) for k, v in by_kind.items())
   agree = np.mean([predicted[k] == v for k, v in brightness.items()])
   assert agree > 0.8  # Resizing differs slightly from the pipeline's, not the rule.
   files = json.loads((step / "builtin-nlvr2_nlvr2" / "nlvr2_accuracy.json").read_text())
@@ -607,10 +613,12 @@ def test_nlvr2_fine_tunes_from_the_pretraining_run_and_reports_its_metrics(
   _, train = finetune.read_nlvr2_spec("builtin", True, builtin)
   _, dev = finetune.read_nlvr2_spec("builtin", False, builtin)
   baseline = nlvr2.majority_baseline(train, dev) / 100
+  by_kind = {k.split("/")[1]: round(v, 3) for k, v in metrics.items() if "accuracy/" in k}
   print(
     f"NLVR2 accuracy {metrics['accuracy']:.3f} (consistency {metrics['consistency']:.3f}); "
-    f"majority label {baseline:.3f}"
+    f"majority label {baseline:.3f}; by statement kind {by_kind}"
   )
+  assert by_kind and set(by_kind) <= set(builtin_tasks.STATEMENT_KINDS)
   assert metrics["num_examples"] == 32 and metrics["num_sentences"] == 16
   assert 0 <= metrics["consistency"] <= metrics["accuracy"] <= 1
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -213,6 +213,13 @@ def test_nlvr2_accuracy_and_consistency():
   assert nlvr2.sentence_key("dev-850-2-1") == "dev-850--1"
   with pytest.raises(ValueError, match="no prediction"):
     nlvr2.evaluate_nlvr2({}, examples)
+  # By image set; an empty group is left out.
+  by_set = nlvr2.accuracy_by_group(predictions, examples, lambda e: e.identifier.split("-")[1])
+  assert by_set == {"1": 75.0, "2": 100.0}
+  first_only = nlvr2.accuracy_by_group(
+    predictions, examples, lambda e: "first" if e.identifier == "dev-1-0-0" else ""
+  )
+  assert first_only == {"first": 100.0}
 
 
 # ----------------------------------------------------------------------------- readers
@@ -392,6 +399,11 @@ def test_nlvr2_statements_hold_where_they_should():
   ]
   for statement, label in cases:
     assert statement.holds(left, right) == label, statement.text()
+    assert builtin_tasks.statement_kind(statement.text()) == statement.kind
+  rng = np.random.default_rng(0)
+  for statement in (builtin_tasks.random_statement(rng) for _ in range(300)):
+    assert builtin_tasks.statement_kind(statement.text()) == statement.kind, statement
+  assert builtin_tasks.statement_kind("the left image is a photograph") == ""
   assert cases[2][0].text() == "the right image has more crosses than the left image"
 
 

@@ -454,7 +454,8 @@ def _results_list(predictions: Mapping[int, str]) -> list[dict[str, Any]]:
 
 
 class Nlvr2Task(Task):
-  """NLVR2's accuracy and consistency."""
+  """NLVR2's accuracy and consistency; with `group_of`, the accuracy of each group too
+  ("accuracy/<group>": the built-in set's statement kinds)."""
 
   name = "nlvr2"
 
@@ -463,8 +464,9 @@ class Nlvr2Task(Task):
     dataset: str,
     examples: Sequence[task_data.Nlvr2Example],
     nlvr2_logits: Callable[..., jax.Array],
+    group_of: Callable[[task_data.Nlvr2Example], str] | None = None,
   ):
-    self.dataset, self.examples = dataset, list(examples)
+    self.dataset, self.examples, self.group_of = dataset, list(examples), group_of
 
     def holds(params: Any, left: jax.Array, right: jax.Array, tokens: jax.Array) -> jax.Array:
       return jax.numpy.argmax(nlvr2_logits(params, left, right, tokens), axis=-1).astype(
@@ -507,6 +509,9 @@ class Nlvr2Task(Task):
       "num_sentences": float(official["num_sentences"]),
       "num_unreadable": float(unreadable.sum()),
     }
+    if self.group_of is not None:
+      by_group = nlvr2.accuracy_by_group(predictions, self.examples, self.group_of)
+      metrics.update({f"accuracy/{group}": value / 100 for group, value in by_group.items()})
 
     def write_predictions(path: str) -> None:
       nlvr2.write_nlvr2_predictions(path, predictions)
@@ -637,6 +642,11 @@ class ItmRetrievalTask(Task):
 # ----------------------------------------------------------------------------- factory
 
 
+def builtin_statement_kind(example: task_data.Nlvr2Example) -> str:
+  """The built-in NLVR2 set's statement kind of `example` (Nlvr2Task's group_of)."""
+  return builtin_tasks.statement_kind(example.sentence)
+
+
 def create_tasks(
   names: Sequence[str],
   config: ml_collections.ConfigDict,
@@ -660,7 +670,8 @@ def create_tasks(
       tasks.append(VqaTask(dataset, examples, answers, predict_fns["vqa_logits"]))
     elif name == "nlvr2":
       dataset, examples = read_nlvr2_spec(text, False, builtin, flag)
-      tasks.append(Nlvr2Task(dataset, examples, predict_fns["nlvr2_logits"]))
+      group_of = builtin_statement_kind if text == BUILTIN else None
+      tasks.append(Nlvr2Task(dataset, examples, predict_fns["nlvr2_logits"], group_of))
     elif name == "classify_finetuned":
       tasks.append(
         ClassifyTask(read_classification_spec(text, False, flag), predict_fns["class_logits"])

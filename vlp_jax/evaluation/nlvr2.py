@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from vlp_jax.input_pipeline.task_data import Nlvr2Example
 
@@ -58,6 +58,21 @@ def evaluate_nlvr2(
     "num_examples": len(examples),
     "num_sentences": len(consistent),
   }
+
+
+def accuracy_by_group(
+  predictions: Mapping[str, bool | int | str],
+  examples: Sequence[Nlvr2Example],
+  group_of: Callable[[Nlvr2Example], str],
+) -> dict[str, float]:
+  """Accuracy (percent) of each group of examples (e.g. the built-in set's statement
+  kinds); examples whose group is "" are left out."""
+  right: dict[str, list[bool]] = {}
+  for example in examples:
+    if group := group_of(example):
+      hit = _as_bool(predictions[example.identifier]) == example.label
+      right.setdefault(group, []).append(hit)
+  return {group: 100 * sum(hits) / len(hits) for group, hits in sorted(right.items())}
 
 
 def write_nlvr2_predictions(path: str, predictions: Mapping[str, bool | int | str]) -> None:

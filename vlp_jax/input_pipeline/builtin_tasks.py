@@ -25,7 +25,9 @@ many of NLVR2's images they are JPEG bytes under .png names (decoders read the b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -329,6 +331,22 @@ class Statement:
 
 
 STATEMENT_KINDS = ("more", "both_colour", "contains", "fewer_shapes", "total")
+_TOTALS = (2, 7)  # "there are N shapes in total": two scenes hold 2..6 shapes.
+
+
+def statement_kind(sentence: str) -> str:
+  """The kind (STATEMENT_KINDS) of a sentence the generator wrote; "" for any other."""
+  return _sentence_kinds().get(sentence, "")
+
+
+@functools.cache
+def _sentence_kinds() -> dict[str, str]:
+  """Every sentence the generator can write (a few thousand) -> its kind."""
+  sides = ("left", "right")
+  choices = itertools.product(
+    STATEMENT_KINDS, sides, COLOUR_NAMES, SHAPES, tuple(SIZES), range(*_TOTALS)
+  )
+  return {Statement(*choice).text(): choice[0] for choice in choices}
 
 
 def _count(scene: Scene, shape: str) -> int:
@@ -344,7 +362,7 @@ def random_statement(
     colour=_pick(rng, COLOUR_NAMES),
     shape=_pick(rng, SHAPES),
     size=_pick(rng, tuple(SIZES)),
-    number=int(rng.integers(2, 7)),  # two scenes hold 2..6 shapes
+    number=int(rng.integers(*_TOTALS)),
   )
 
 
