@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import MIN_CACHED_COMPILE_SECS, ROOT
 
 
 def train_command(config: str, workdir, *flags: str) -> list[str]:
@@ -118,7 +118,7 @@ def compilation_cache(path: str):
   before = {key: getattr(jax.config, key) for key in keys}
   cc.reset_cache()
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(MIN_CACHED_COMPILE_SECS))
   try:
     yield
   finally:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, xla_flags
 
 
 def test_tiny_run_writes_one_finite_row_per_model(tmp_path):
@@ -14,7 +14,7 @@ def test_tiny_run_writes_one_finite_row_per_model(tmp_path):
   env = dict(os.environ)
   # Two simulated devices: the data-parallel mesh splits the batch; no compilation cache,
   # so the compile time is a compile.
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   proc = subprocess.run(

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import MIN_CACHED_COMPILE_SECS, ROOT, xla_flags
 from tests.runs import compilation_cache, logged_losses, wait_for_logged_step
 from vlp_jax import experiment, losses, sharding
 from vlp_jax.evaluation import rerank, retrieval
@@ -490,9 +490,9 @@ def _albef_process(workdir, cache_dir, steps, jax_cache, slow=False) -> subproce
   )
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": xla_flags(),
     "JAX_COMPILATION_CACHE_DIR": jax_cache,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": MIN_CACHED_COMPILE_SECS,
   }
   return subprocess.Popen(
     [sys.executable, "-c", code],

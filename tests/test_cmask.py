@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import MIN_CACHED_COMPILE_SECS, ROOT
 from tests.runs import compilation_cache, logged_losses, wait_for_logged_step
 from vlp_jax import experiment, optim, sharding
 from vlp_jax.evaluation import agent_report
@@ -154,7 +154,7 @@ def test_resume_after_kill_mid_curriculum_is_identical(demo_run, cache_dir, tmp_
     f"test_cmask.run_cmask({str(killed)!r}, {cache_dir!r})"
   )
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax_cache}
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = MIN_CACHED_COMPILE_SECS
   process = subprocess.Popen(
     [sys.executable, "-c", code],
     cwd=ROOT,

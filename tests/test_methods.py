@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.runs import logged_losses, wait_for_logged_step
 from vlp_jax import trainer
 from vlp_jax.config_lib import ConfigError
@@ -144,7 +144,7 @@ def _toy_process(workdir, cache_dir, steps, slow=False) -> subprocess.Popen:
     f"import sys; sys.path.insert(0, {ROOT!r}); from tests import test_methods; "
     f"test_methods.run_toy({str(workdir)!r}, {cache_dir!r}, {steps}, slow={slow})"
   )
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   return subprocess.Popen(
     [sys.executable, "-c", code],
     cwd=ROOT,

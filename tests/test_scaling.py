@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.runs import first_batches, logged_losses, run_train_py, train_command
 from vlp_jax import checkpointing, experiment, progress, sharding, trainer
 from vlp_jax.config_lib import ConfigError
@@ -163,7 +163,7 @@ def _free_port() -> int:
 
 
 def _env_with_devices(count: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+  return {**os.environ, "XLA_FLAGS": xla_flags(count)}
 
 
 def test_two_processes_train_like_one_process_with_as_many_devices(
