@@ -8,8 +8,8 @@ import sys
 import tempfile
 
 # The tests' programs are tiny and many, so compiling them dominates the suite: LLVM at
-# -O0 compiles them faster than its optimised code would run them (one run: 299 -> 188 s
-# for test_vlc_finetune.py and test_methods.py).
+# -O0 compiles them faster than its optimised code would run them (one run each: 299 -> 188 s
+# for test_vlc_finetune.py and test_methods.py, the 299 partly beside other work).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 # Programs that compile faster stay out of the persistent cache: with every eager op's
 # program written there, test_models.py took 40 s instead of 27-29, and the whole suite
