@@ -4,6 +4,13 @@
       --config.data.train=/data/cc12m --config.data.eval=/data/coco_val \
       --config.data.vocab_file=/data/vocab.txt
   python train.py --config=configs/cluster_vitb16.py:kind=kmeans ...   # k-means clusters
+  python train.py --config=configs/cluster_vitb16.py:keep=target ...   # drop exactly 50%
+
+"ratio 0.5" is the clusters' coverage (logged as mask/cluster_coverage_mean). With the
+released code's keep rule (keep=reference, the default) the image tower still gets
+floor(196 x 0.7) = 137 of 196 tokens, masked patches re-admitted to fill: it drops 30%
+(mask/dropped_share), 40% more image-tower FLOPs than FLIP at 0.5 (98 tokens).
+keep=target gives the tower round(196 x 0.5) = 98 tokens, the FLIP budget.
 
 Without config.data.train it runs on the built-in dataset (and says so).
 """
@@ -18,7 +25,13 @@ from vlp_jax import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, variant="B/16", batch_size=2048, epochs=32.0, kind="cluster", unmasked_tuning=False
+    arg,
+    variant="B/16",
+    batch_size=2048,
+    epochs=32.0,
+    kind="cluster",
+    keep="reference",
+    unmasked_tuning=False,
   )
   config = clip_vitb16.get_config(
     f"variant={args.variant},batch_size={args.batch_size},epochs={args.epochs},"
@@ -29,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.masking.kind = args.kind  # "cluster" (anchors + threshold) or "kmeans"
       config.masking.ratio = 0.5  # target batch-mean mask ratio
       config.masking.min_ratio = 0.3  # every image masks at least this
+      config.masking.keep = args.keep  # "reference" (137 tokens) or "target" (98)
       config.masking.anchor_ratio = 0.03  # 6 anchors of 196 patches
     config.masking.show_every_steps = 5_000
   return config

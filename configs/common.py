@@ -255,9 +255,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.masking.kind = "none"  # Image patch masking: "none", "random" (FLIP), "cluster", "kmeans".
   # random: share of patches dropped. cluster/kmeans: target batch-mean mask ratio.
   config.masking.ratio = 0.5
-  # cluster/kmeans: every image masks at least this share; the encoder gets
-  # floor(L * (1 - min_ratio)) tokens (masked ones re-admitted at random to fill).
+  # cluster/kmeans: the clusters cover at least this share of every image.
   config.masking.min_ratio = 0.3
+  # cluster/kmeans: how many of the L patches the image tower gets. "reference" (the
+  # released code): floor(L * (1 - min_ratio)), so at ratio 0.5 it still sees 70%, masked
+  # patches re-admitted to fill. "target": round(L * (1 - ratio)), dropping exactly the
+  # ratio (extra visible patches dropped at random where the clusters covered less).
+  config.masking.keep = "reference"
   config.masking.anchor_ratio = 0.03  # cluster: share of patches drawn as anchors.
   config.masking.calibration_steps = 24  # cluster: bisection steps for the threshold.
   config.masking.num_clusters = 8  # kmeans: clusters per image.

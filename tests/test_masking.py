@@ -58,10 +58,54 @@ def test_mask_ratio_hits_target_and_never_goes_under_minimum(kind, builtin_image
   assert ratios.min() >= 0.3 - 1e-6
 
 
+@pytest.mark.parametrize("kind", ["cluster", "kmeans"])
+@pytest.mark.parametrize(
+  ("keep_rule", "ratio"), [("target", 0.5), ("target", 0.75), ("reference", 0.5)]
+)
+def test_keep_rule_sets_the_tower_tokens_and_the_logged_dropped_share(
+  kind, keep_rule, ratio, builtin_images
+):
+  masker = make_masker(kind, ratio=ratio, keep=keep_rule)
+  keep, stats = jax.jit(masker.__call__)(jax.random.PRNGKey(3), builtin_images[:16])
+  # 64 patches: "target" keeps round(64 * (1 - ratio)), "reference" floor(64 * (1 - 0.3)).
+  expected = {"target": round(64 * (1 - ratio)), "reference": 44}[keep_rule]
+  assert keep.shape == (16, expected) and masker.num_keep == expected
+  assert float(stats["dropped_share"]) == pytest.approx(1 - expected / 64)
+  if keep_rule == "target":
+    assert float(stats["dropped_share"]) == pytest.approx(ratio)
+  # The clusters' coverage is logged apart from what the tower lost.
+  assert 0.3 - 1e-6 <= float(stats["cluster_coverage_min"]) <= float(stats["cluster_coverage_mean"])
+
+
+@pytest.mark.parametrize("kind", ["cluster", "kmeans"])
+@pytest.mark.parametrize("keep_rule", ["target", "reference"])
+def test_visible_patches_are_kept_before_masked_ones_are_readmitted(
+  kind, keep_rule, builtin_images
+):
+  masker = make_masker(kind, keep=keep_rule, ratio=0.6)
+  rng = jax.random.PRNGKey(5)
+  keep, stats = jax.jit(masker.__call__)(rng, builtin_images[:32])
+  # The masker draws its clusters from the first half of its key (ClusterMasking.__call__).
+  mask, _ = jax.jit(masker.compute_mask)(jax.random.split(rng)[0], builtin_images[:32])
+  keep, mask = np.asarray(keep), np.asarray(mask)
+  readmitted = 0
+  for row_keep, row_mask in zip(keep, mask):
+    kept_masked = row_mask[row_keep]
+    visible = int((~row_mask).sum())
+    if visible >= len(row_keep):  # Enough visible patches: no masked one is seen.
+      assert not kept_masked.any()
+    else:  # Every visible patch is seen, and first; masked ones only fill.
+      assert (~kept_masked[:visible]).all() and kept_masked[visible:].all()
+    readmitted += int(kept_masked.sum())
+    # The minimum holds per image, for the clusters and for what the tower drops.
+    assert row_mask.mean() >= 0.3 - 1e-6 and 1 - len(row_keep) / 64 >= 0.3 - 1e-6
+  assert float(stats["readmitted_share"]) == pytest.approx(readmitted / mask.size)
+
+
 def test_random_masking_drops_exactly_the_ratio():
   keep, stats = make_masker("random", ratio=0.75)(jax.random.PRNGKey(0), jnp.zeros((4, 64, 64, 3)))
   assert keep.shape == (4, 16)
-  assert float(stats["mask_ratio_min"]) == float(stats["mask_ratio_max"]) == 0.75
+  assert float(stats["dropped_share"]) == 0.75
 
 
 def test_select_keep_prefers_visible_patches_and_refills_with_masked_ones():
@@ -139,6 +183,7 @@ def test_mask_from_keep_is_the_complement():
     ({"kind": "cluster", "min_ratio": 0.6}, "config.masking.min_ratio=0.6"),
     ({"kind": "kmeans", "num_clusters": 1}, "config.masking.num_clusters=1"),
     ({"kind": "random", "ratio": 1.0}, "config.masking.ratio=1.0"),
+    ({"kind": "cluster", "keep": "all"}, "config.masking.keep='all'"),
   ],
 )
 def test_bad_masking_configs_name_the_key(overrides, message):
@@ -169,7 +214,7 @@ def test_masked_train_step_compiles_once_over_five_steps(kind, tiny_config, tmp_
   ratios = []
   for batch in batches[1:]:
     state, metrics = step_fn(state, batch)
-    ratios.append(float(metrics["mask/mask_ratio_mean"]))
+    ratios.append(float(metrics["mask/cluster_coverage_mean"]))
   assert first >= 1 and len(compiles) == first, "the masked step recompiled"
   assert all(0.3 <= r <= 0.7 for r in ratios)
 

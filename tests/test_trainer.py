@@ -104,7 +104,13 @@ def test_masked_run_logs_mask_pictures_and_a_tuning_run_starts_from_its_params(
   for events in Path(source).glob("events.out.tfevents*"):
     for event in tf.compat.v1.train.summary_iterator(str(events)):
       tags.update(value.tag for value in event.summary.value)
-  assert {"masks", "mask/mask_ratio_mean", "mask/num_clusters", "loss"} <= tags
+  assert {
+    "masks",
+    "mask/cluster_coverage_mean",
+    "mask/dropped_share",
+    "mask/num_clusters",
+    "loss",
+  } <= tags
 
   # FLIP-style unmasked tuning from the masked run; lr ~0 so the parameters cannot move.
   tuning = tiny_config.copy_and_resolve_references()

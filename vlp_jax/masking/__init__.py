@@ -20,15 +20,26 @@ from vlp_jax.masking import cluster
 from vlp_jax.masking.random import mask_from_keep, random_keep, select_keep
 
 KINDS = ("none", "random", "cluster", "kmeans")
+# How many tokens the image tower gets under cluster masking: "reference" is the released
+# code's floor(L * (1 - min_ratio)), "target" drops exactly round(L * ratio) patches.
+KEEP_RULES = ("reference", "target")
 MaskStats = dict[str, jax.Array]
 
 
-def mask_ratio_stats(mask: jax.Array) -> MaskStats:
-  ratio = mask.mean(axis=-1)
+def dropped_stats(keep: jax.Array, num_patches: int) -> MaskStats:
+  """The share of patches the image tower does not see (static, so one number)."""
+  return {"dropped_share": jnp.float32(1 - keep.shape[-1] / num_patches)}
+
+
+def coverage_stats(mask: jax.Array, keep: jax.Array) -> MaskStats:
+  """What the clusters covered, and how much of it the tower saw anyway (re-admitted)."""
+  coverage = mask.mean(axis=-1)
+  readmitted = jnp.take_along_axis(mask, keep, axis=-1).sum(axis=-1) / mask.shape[-1]
   return {
-    "mask_ratio_mean": ratio.mean(),
-    "mask_ratio_min": ratio.min(),
-    "mask_ratio_max": ratio.max(),
+    "cluster_coverage_mean": coverage.mean(),
+    "cluster_coverage_min": coverage.min(),
+    "cluster_coverage_max": coverage.max(),
+    "readmitted_share": readmitted.mean(),
   }
 
 
@@ -57,16 +68,23 @@ class RandomMasking:
 
   def __call__(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, MaskStats]:
     keep = random_keep(rng, images.shape[0], self.num_patches, self.num_keep)
-    return keep, mask_ratio_stats(mask_from_keep(keep, self.num_patches))
+    return keep, dropped_stats(keep, self.num_patches)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterMasking:
   """Masks clusters of similar patches (anchors + threshold, or k-means).
 
-  The image tower gets `floor(L * (1 - min_ratio))` tokens: visible patches first, in
-  random order, then random masked ones re-admitted where clusters covered more than
-  `min_ratio`. The reported mask ratio is the clusters' coverage.
+  The clusters cover about `target_ratio` of the batch's patches (at least `min_ratio`
+  of every image); the image tower then gets a static number of tokens, visible patches
+  first in random order:
+  - keep="reference" (the released code): floor(L * (1 - min_ratio)) tokens; where the
+    clusters covered more than `min_ratio`, random masked patches are re-admitted.
+  - keep="target": round(L * (1 - target_ratio)) tokens, so the tower drops exactly the
+    target share: extra visible patches dropped at random where the clusters covered
+    less, masked ones re-admitted where they covered more.
+  Logged: `cluster_coverage_*` (the clusters' masks), `dropped_share` (what the tower did
+  not see) and `readmitted_share` (covered, yet seen).
   """
 
   num_patches: int
@@ -80,9 +98,12 @@ class ClusterMasking:
   calibration_steps: int
   num_clusters: int
   kmeans_iterations: int
+  keep_rule: str = "reference"
 
   @property
   def num_keep(self) -> int:
+    if self.keep_rule == "target":
+      return max(1, round(self.num_patches * (1 - self.target_ratio)))
     return math.floor(self.num_patches * (1 - self.min_ratio))
 
   def compute_mask(self, rng: jax.Array, images: jax.Array) -> tuple[jax.Array, MaskStats]:
@@ -109,7 +130,8 @@ class ClusterMasking:
     mask_rng, keep_rng = jax.random.split(rng)
     mask, stats = self.compute_mask(mask_rng, images)
     keep = select_keep(keep_rng, mask.astype(jnp.float32), self.num_keep)
-    return keep, {**mask_ratio_stats(mask), **stats}
+    stats = {**coverage_stats(mask, keep), **dropped_stats(keep, self.num_patches), **stats}
+    return keep, stats
 
 
 Masker = NoMasking | RandomMasking | ClusterMasking
@@ -122,6 +144,8 @@ def validate(masking: ml_collections.ConfigDict, num_patches: int) -> None:
   if not 0.0 <= masking.ratio < 1.0:
     raise ValueError(f"config.masking.ratio={masking.ratio} must be in [0, 1)")
   if masking.kind in ("cluster", "kmeans"):
+    if masking.keep not in KEEP_RULES:
+      raise ValueError(f"config.masking.keep={masking.keep!r} is not one of {KEEP_RULES}")
     if not 0.0 <= masking.min_ratio <= masking.ratio:
       raise ValueError(
         f"config.masking.min_ratio={masking.min_ratio} must be in [0, masking.ratio={masking.ratio}]"
@@ -161,10 +185,12 @@ def create_masker(
     calibration_steps=masking.calibration_steps,
     num_clusters=masking.num_clusters,
     kmeans_iterations=masking.kmeans_iterations,
+    keep_rule=masking.keep,
   )
 
 
 __all__ = [
+  "KEEP_RULES",
   "KINDS",
   "ClusterMasking",
   "Masker",
