@@ -204,7 +204,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.finetune = ml_collections.ConfigDict()
   # The VLC run (its workdir) whose newest checkpoint gives the encoder and pooler (and
   # the retrieval rank head, from its ITM head), loaded when this workdir has no
-  # checkpoint yet; "": random initialisation.
+  # checkpoint yet; "none": random initialisation, on purpose ("" is refused when a fresh
+  # run starts: a fine-tune without its pretraining would look valid and is not).
   config.finetune.pretrained = ""
   # The task's training data, one spec ("builtin": the generated set below): vqa
   # "QUESTIONS_JSON,annotations=ANNOTATIONS_JSON,images=COCO_DIR", nlvr2
@@ -404,7 +405,7 @@ RULES: dict[str, Rule] = {
   "albef.ita_weight": at_least(0),
   "albef.itm_weight": at_least(0),
   "albef.mlm_weight": at_least(0),
-  "cmask.mask_ratio": in_range(0, 1),
+  "cmask.mask_ratio": in_range(0, 1, include_low=False),  # 0 masks nothing: no MLM loss.
   "cmask.curriculum_steps": at_least(0),  # 0: the agent from the first step.
   "cmask.agent_layers": at_least(1),
   "cmask.agent_width": at_least(0),  # 0: the text encoder's.

@@ -3,6 +3,8 @@
   python train.py --config=configs/demo.py:method=vlc --workdir=/tmp/demo_vlc
   python train.py --config=configs/demo_vqa.py:pretrained=/tmp/demo_vlc --workdir=/tmp/demo_vqa
 
+(`pretrained=none` fine-tunes from random initialisation; leaving it out is refused.)
+
 The built-in VQA set (input_pipeline/builtin_tasks.py) asks about the built-in scenes in
 VQAv2's file formats; results (official accuracy, per answer type, the test-dev style
 answers file) go to <workdir>/eval/. Model and tokenizer are the demo's, so the

@@ -103,12 +103,18 @@ def positive() -> Rule:
   return Rule("> 0", lambda v: _is_number(v) and v > 0)
 
 
-def in_range(low: float, high: float, *, include_high: bool = True) -> Rule:
-  """low <= value <= high (or < high)."""
-  bracket = "]" if include_high else ")"
+def in_range(
+  low: float, high: float, *, include_low: bool = True, include_high: bool = True
+) -> Rule:
+  """low <= value <= high (or low < value, value < high)."""
+  left, right = "[" if include_low else "(", "]" if include_high else ")"
   return Rule(
-    f"in [{low}, {high}{bracket}",
-    lambda v: _is_number(v) and low <= v and (v <= high if include_high else v < high),
+    f"in {left}{low}, {high}{right}",
+    lambda v: (
+      _is_number(v)
+      and (low <= v if include_low else low < v)
+      and (v <= high if include_high else v < high)
+    ),
   )
 
 

@@ -103,6 +103,18 @@ def check_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, kind: str) ->
     )
 
 
+def check_output_dir(path: str) -> None:
+  """ConfigError unless `path` is (or can be made) a directory this process can write."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-probe-{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--output_dir {path!r} is not a writable directory: {e}") from e
+
+
 def checkpoint_steps(manager, workdir: str, step: int | None, all_checkpoints: bool) -> list[int]:
   available = sorted(manager.all_steps())
   if not available:
@@ -126,19 +138,34 @@ def evaluate_run(
   output_dir: str = "",
   show_progress: bool = True,
 ) -> dict[int, list[evaluation.Result]]:
-  """Evaluates the newest checkpoint, checkpoint `step`, or every checkpoint of a run."""
+  """Evaluates the newest checkpoint, checkpoint `step`, or every checkpoint of a run.
+
+  Before any data is read or compute runs, a ConfigError when there is nothing to
+  evaluate, `output_dir` cannot be written, or the run's method lacks what a task needs.
+  """
   check_run_dir(workdir)
+  names = evaluation.task_names(config.eval.tasks) if tasks is None else list(tasks)
+  if not names:
+    raise ConfigError(
+      f"nothing to evaluate: the run's config.eval.tasks is empty ({workdir}) and no "
+      f"--tasks was given; name them, e.g. --tasks=heldout (known: {', '.join(evaluation.TASKS)})"
+    )
+  output_dir = output_dir or os.path.join(workdir, "eval")
+  check_output_dir(output_dir)
   exp = trainer.create_experiment(config, workdir)
+  try:
+    evaluation.check_servable(names, list(exp.method.predict_fns()), config.method)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   check_tokenizer(workdir, exp.tokenizer, config.data.tokenizer)
   manager = checkpointing.create_checkpoint_manager(workdir, config)
   steps = checkpoint_steps(manager, workdir, step, all_checkpoints)
-  evaluator = exp.evaluator(tasks, show_progress)
+  evaluator = exp.evaluator(names, show_progress)
   abstract, state_sharding = trainer.abstract_train_state(exp.method, exp.tx, exp.mesh, config.seed)
   abstract = checkpointing.abstract_with_shardings(abstract, state_sharding)
   for current in steps:  # Before any compute: a config that does not fit names the keys.
     checkpointing.require_match(manager, current, abstract)
   writer = progress.create_metric_writer(workdir)
-  output_dir = output_dir or os.path.join(workdir, "eval")
   all_results = {}
   for number, current in enumerate(steps, 1):
     logging.info("Evaluating the checkpoint of step %d (%d/%d)", current, number, len(steps))

@@ -14,6 +14,8 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from vlp_jax.input_pipeline import image_files
+
 
 class Run(Protocol):
   """What the progress log reads of a run (an experiment.Experiment)."""
@@ -188,17 +190,31 @@ class ProgressLog:
     )
     return metrics
 
-  def check_health(self, config: ml_collections.ConfigDict, metrics: dict[str, float]) -> None:
+  def check_health(
+    self,
+    config: ml_collections.ConfigDict,
+    metrics: dict[str, float],
+    saved_step: int | None = None,
+  ) -> None:
+    """Raises when the run should stop (non-finite losses, too many skipped records);
+    `saved_step`: the checkpoint just saved, which the message names."""
+    kept = f" The checkpoint of step {saved_step} is saved." if saved_step is not None else ""
     if metrics["nonfinite_streak"] >= config.max_nonfinite_streak:
       raise FloatingPointError(
         f"{int(metrics['nonfinite_streak'])} non-finite losses in a row "
         f"(config.max_nonfinite_streak={config.max_nonfinite_streak}); updates were skipped. "
-        "Lower config.optim.lr or check the data."
+        f"Lower config.optim.lr or check the data.{kept}"
       )
     fraction = self.records_skipped / max(self.records_seen, 1)
     if self.records_skipped and fraction > config.data.max_skipped_fraction:
+      listed = os.path.join(self.exp.workdir, image_files.SKIP_LIST_FILE)
+      which = (
+        f"every unreadable file is listed in {listed}"
+        if os.path.isfile(listed)
+        else "see the warnings above for which"
+      )
       raise RuntimeError(
         f"{self.records_skipped} of {self.records_seen} records were corrupt and skipped "
         f"({fraction:.1%} > config.data.max_skipped_fraction="
-        f"{config.data.max_skipped_fraction}); see the warnings above for which"
+        f"{config.data.max_skipped_fraction}); {which}.{kept}"
       )

@@ -268,19 +268,30 @@ def _train_loop(
       jax.profiler.stop_trace()
       tracing = False
     log.add(metrics, int(host_batch["skipped"].sum()))
+    logged = None
     if step % config.log_every_steps == 0 or last_step:
-      log.check_health(config, log.flush(step))
+      logged = log.flush(step)
     if jax.process_index() == 0 and (images := exp.method.images_to_log(host_batch, step)):
       writer.write_images(step, images)
     preempted = watcher.should_stop(step)  # Every step: multi-host agreement needs it.
-    if step % config.checkpoint_every_steps == 0 or last_step or preempted:
+    saved = step % config.checkpoint_every_steps == 0 or last_step or preempted
+    if saved:
       checkpointing.save_checkpoint(manager, step, state, train_iter)
+    if logged is not None:
+      # After the save: a run stopped at its end (too many unreadable images) keeps its steps.
+      log.check_health(config, logged, saved_step=step if saved else None)
     if preempted:
       logging.warning("Preempted: saved the checkpoint of step %d; exiting.", step)
       return eval_metrics
     if (config.eval.every_steps and step % config.eval.every_steps == 0) or last_step:
       eval_start = time.time()
-      eval_metrics = run_eval(evaluator, state.params, step, workdir, writer)
+      try:
+        eval_metrics = run_eval(evaluator, state.params, step, workdir, writer)
+      except preemption.Preempted:
+        if not saved:
+          checkpointing.save_checkpoint(manager, step, state, train_iter)
+        _log_stopped_evaluation(workdir, step)
+        return eval_metrics
       log.paused += time.time() - eval_start
     if step == stop_step:
       logging.info(
@@ -288,8 +299,22 @@ def _train_loop(
       )
       return eval_metrics
   if not eval_metrics:  # Resumed at the end: evaluate the final state anyway.
-    eval_metrics = run_eval(evaluator, state.params, exp.total_steps, workdir, writer)
+    try:
+      eval_metrics = run_eval(evaluator, state.params, exp.total_steps, workdir, writer)
+    except preemption.Preempted:
+      _log_stopped_evaluation(workdir, exp.total_steps)
   return eval_metrics
+
+
+def _log_stopped_evaluation(workdir: str, step: int) -> None:
+  logging.warning(
+    "SIGTERM during the evaluation of step %d: stopped it; the checkpoint of step %d is "
+    "saved (python eval.py --workdir=%s --step=%d evaluates it); exiting.",
+    step,
+    step,
+    workdir,
+    step,
+  )
 
 
 def restore_params(exp: Experiment, step: int | None = None) -> tuple[int, Any]:

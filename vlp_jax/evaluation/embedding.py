@@ -24,9 +24,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from vlp_jax import sharding
+from vlp_jax import preemption, sharding
 from vlp_jax.config_lib import UserError
-from vlp_jax.input_pipeline import pipeline, records
+from vlp_jax.input_pipeline import image_files, pipeline, records
 
 
 class DataError(UserError, ValueError):
@@ -57,8 +57,7 @@ class ImageRef:
     data = self.data
     if self.path:
       try:
-        with open(self.path, "rb") as f:
-          data = f.read()
+        data = image_files.read_image_file(self.path)  # Bounded; never blocks on a FIFO.
       except OSError as e:
         raise DataError(f"cannot read image {self.path}: {e}") from e
     try:
@@ -189,6 +188,7 @@ class Embedder:
     bar = progress_bar(steps, desc, self.show_progress)
     outputs = []
     for batch in itertools.islice(batches, steps):
+      preemption.check_stop()  # A SIGTERM stops the evaluation between batches.
       # Dispatch is asynchronous: the host prepares the next batch while this one runs.
       outputs.append(encode(params, sharding.host_to_global(batch, self.mesh)))
       bar.update()

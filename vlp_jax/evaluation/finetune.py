@@ -46,7 +46,7 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from vlp_jax import peft, sharding
+from vlp_jax import peft, preemption, sharding
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import classification, nlvr2, readers, rerank, vqa
 from vlp_jax.evaluation import classification_readers as cls_readers
@@ -356,6 +356,7 @@ class _BatchRunner:
     run = self._compiled(embedder.mesh)
     outputs = []
     for batch in batches:
+      preemption.check_stop()  # A SIGTERM stops the evaluation between batches.
       # Dispatch is asynchronous: the pipeline prepares the next batch meanwhile.
       inputs = {f: batch[f] for f in (*self.fields, "row")}
       outputs.append(run(params, sharding.host_to_global(inputs, embedder.mesh)))
@@ -660,10 +661,10 @@ def create_tasks(
     text = config.eval.data[name]
     flag = f"--data.{name}"
     if not text:
-      raise ValueError(f"task {name} needs a dataset: {flag}=<path>[,key=value...] or builtin")
+      raise ConfigError(f"task {name} needs a dataset: {flag}=<path>[,key=value...] or builtin")
     missing = [fn for fn in TASK_NEEDS[name] if fn not in predict_fns]
     if missing:
-      raise ValueError(f"evaluation task {name!r} needs {', '.join(missing)}")
+      raise ConfigError(f"evaluation task {name!r} needs {', '.join(missing)}")
     if name == "vqa":
       dataset, examples = read_vqa_spec(text, False, builtin, flag)
       answers = config_answer_vocab(config)

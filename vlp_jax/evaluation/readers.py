@@ -29,7 +29,7 @@ from absl import logging
 from PIL import Image
 
 from vlp_jax.evaluation.embedding import DataError, ImageRef, ImageSource, RecordImage
-from vlp_jax.input_pipeline import pipeline, records
+from vlp_jax.input_pipeline import image_files, pipeline, records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # what CLIP_benchmark's wds reader takes
@@ -237,6 +237,11 @@ class TarMember:
   size: int
 
   def open(self) -> Image.Image:
+    if self.size > image_files.MAX_IMAGE_BYTES:  # The tar header's size: never read whole.
+      raise DataError(
+        f"{self.path} at byte {self.offset}: an image of {self.size} bytes > "
+        f"{image_files.MAX_IMAGE_BYTES}"
+      )
     with open(self.path, "rb") as f:
       f.seek(self.offset)
       return ImageRef(data=f.read(self.size)).open()

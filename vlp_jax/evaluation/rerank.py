@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlp_jax import sharding
+from vlp_jax import preemption, sharding
 from vlp_jax.evaluation.embedding import Embedder, ImageSource
 from vlp_jax.evaluation.retrieval import BLOCK_ELEMENTS, DEFAULT_KS, metrics_from_ranks
 
@@ -104,6 +104,7 @@ class Matcher:
     local = embedder.local_batch
     outputs = []
     for step in range(steps):
+      preemption.check_stop()  # A SIGTERM stops the evaluation between batches.
       start = step * embedder.batch_size + jax.process_index() * local
       rows = np.arange(start, start + local)
       valid = rows < count

@@ -48,6 +48,17 @@ TASK_NEEDS.update(
 )
 
 
+# What a task's prediction functions are, in words (the rest need embeddings).
+_WHAT = {
+  "vqa": "vqa head",
+  "nlvr2": "nlvr2 head",
+  "classify_finetuned": "classification head",
+  "itm_retrieval": "matching head",
+  "agent_masking": "masking agent",
+  "linear_probe": "image embedding",
+}
+
+
 def check_servable(names: Sequence[str], available: Sequence[str], method: str) -> None:
   """Raises ValueError naming the task and the method when a task needs a prediction
   function the method does not provide (checked before any data is read)."""
@@ -57,8 +68,9 @@ def check_servable(names: Sequence[str], available: Sequence[str], method: str) 
     missing = [fn for fn in TASK_NEEDS[name] if fn not in available]
     if missing:
       raise ValueError(
-        f"evaluation task {name!r} needs {', '.join(missing)}, which method {method!r} "
-        f"does not provide (it has: {', '.join(sorted(available)) or 'none'})"
+        f"this run's method {method!r} offers no {_WHAT.get(name, 'embeddings')} for "
+        f"evaluation task {name!r}: it needs {', '.join(missing)}, the method has "
+        f"{', '.join(sorted(available)) or 'none'}"
       )
 
 

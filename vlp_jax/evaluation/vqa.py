@@ -22,11 +22,14 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
+from absl import logging
+
 from vlp_jax.input_pipeline.task_data import (
   TaskDataError,
   VqaExample,
   answer_scores,
   normalize_answer,
+  read_text,
   soft_score,
 )
 
@@ -150,22 +153,35 @@ def write_answer_vocab(path: str, answers: Sequence[str]) -> None:
 
 
 def read_answer_vocab(path: str) -> list[str]:
-  """An answer vocabulary file; an empty or repeated line is an error naming it."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError as e:
-    raise TaskDataError(f"{path} does not exist") from e
+  """An answer vocabulary file, each answer normalised as the annotations are (so "Red"
+  and " yes" match the annotators' "red" and "yes"); an empty line, or one that repeats
+  another once normalised ("Two" after "2"), is an error naming it."""
+  lines = read_text(path).splitlines()
   seen: dict[str, int] = {}
+  answers, changed = [], 0
   for number, line in enumerate(lines, 1):
-    if not line.strip():
+    answer = normalize_answer(line)
+    if not answer:
       raise TaskDataError(f"{path}:{number}: empty line")
-    if line in seen:
-      raise TaskDataError(f"{path}:{number}: {line!r} repeats line {seen[line]}")
-    seen[line] = number
-  if not lines:
+    if answer in seen:
+      raise TaskDataError(
+        f"{path}:{number}: {line!r} repeats line {seen[answer]} (both are {answer!r} once "
+        "normalised as VQA's metric does)"
+      )
+    seen[answer] = number
+    answers.append(answer)
+    changed += answer != line
+  if not answers:
     raise TaskDataError(f"{path}: no answers")
-  return lines
+  if changed:
+    logging.warning(
+      "%s: %d of %d answers normalised as the annotations are (e.g. %r -> %r)",
+      path,
+      changed,
+      len(answers),
+      *next((line, a) for line, a in zip(lines, answers) if line != a),
+    )
+  return answers
 
 
 def majority_baseline(

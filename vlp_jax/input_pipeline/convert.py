@@ -36,7 +36,6 @@ import json
 import multiprocessing
 import os
 import re
-import stat
 import sys
 import time
 import warnings
@@ -47,7 +46,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from vlp_jax.input_pipeline import pipeline, records, sources
+from vlp_jax.input_pipeline import image_files, pipeline, records, sources
 
 STATE_FILE = "convert_state.json"
 SUMMARY_FILE = "summary.json"
@@ -181,37 +180,14 @@ def prepare_image(data: bytes, resize_shorter: int = 0, jpeg_quality: int = 95) 
   return buffer.getvalue()
 
 
-def _check_image_file(info: os.stat_result, path: str, max_bytes: int) -> None:
-  if not stat.S_ISREG(info.st_mode):
-    # A device (/dev/zero) never ends, a FIFO blocks: only regular files are images.
-    raise SampleError("image_not_a_regular_file", f"{path} (mode {stat.filemode(info.st_mode)})")
-  if info.st_size > max_bytes:
-    raise SampleError("image_file_too_large", f"{path}: {info.st_size} bytes > {max_bytes}")
-
-
 def read_image_file(path: str, root: str | None, max_bytes: int) -> bytes:
-  """The bytes of the regular file `path`; SampleError if it resolves outside the real
-  directory `root` (None: anywhere), is not a regular file, or holds over `max_bytes`."""
+  """The bytes of the regular file `path` (image_files.read_image_file, the reader every
+  path to user images shares); SampleError if it resolves outside the real directory
+  `root` (None: anywhere), is not a regular file, or holds over `max_bytes`."""
   try:
-    real = os.path.realpath(path)
-    if root is not None and os.path.commonpath([root, real]) != root:
-      raise SampleError("image_outside_root", f"{path} resolves to {real}, outside {root}")
-    _check_image_file(os.stat(real), path, max_bytes)
-    # Should the file be swapped after the check, O_NONBLOCK keeps a FIFO from blocking the
-    # open, O_NOFOLLOW a symlink from leaving the root, and fstat sees what was opened.
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-    with open(os.open(real, flags), "rb") as f:
-      _check_image_file(os.fstat(f.fileno()), path, max_bytes)
-      data = f.read(max_bytes + 1)  # Bounded: a file may grow, or (in /proc) lie about its size.
-  except SampleError:
-    raise  # A ValueError too: already says what is wrong.
-  except FileNotFoundError as e:
-    raise SampleError("missing_image", path) from e
-  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path.
-    raise SampleError("unreadable_image_file", f"{path!r}: {e}") from e
-  if len(data) > max_bytes:
-    raise SampleError("image_file_too_large", f"{path}: over {max_bytes} bytes")
-  return data
+    return image_files.read_image_file(path, root, max_bytes)
+  except image_files.ImageFileError as e:
+    raise SampleError(e.reason, e.detail) from e
 
 
 # (key, image bytes, image path, its root, caption, reason already known)

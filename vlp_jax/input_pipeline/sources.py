@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from vlp_jax.input_pipeline import image_files
+
 FORMATS = ("webdataset", "json", "csv", "tfds", "arrow")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# The default byte limit per image (and per tar caption file): no real photo needs more.
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_BYTES = image_files.MAX_IMAGE_BYTES  # Per image and per tar caption file.
 # Field names per format: (image, caption, key); a missing key field falls back to a position.
 DEFAULT_KEYS = {
   "json": ("image", "caption", "image_id"),

@@ -36,12 +36,15 @@ Malformed files raise `TaskDataError` naming the file and the line or key.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -52,7 +55,7 @@ from absl import flags, logging
 
 from vlp_jax import processes
 from vlp_jax.config_lib import UserError
-from vlp_jax.input_pipeline import pipeline
+from vlp_jax.input_pipeline import image_files, pipeline
 from vlp_jax.input_pipeline.tokenizers import Tokenizer
 
 
@@ -170,12 +173,30 @@ def answer_scores(annotator_answers: Sequence[str], normalize: bool = True) -> d
 # ----------------------------------------------------------------------------- readers
 
 
-def _read_json(path: str) -> Any:
+def read_text(path: str) -> str:
+  """A UTF-8 text file; TaskDataError naming the file, and the line and byte of the
+  first byte that is not UTF-8."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    with open(path, "rb") as f:
+      data = f.read()
   except FileNotFoundError as e:
     raise TaskDataError(f"{path} does not exist") from e
+  except IsADirectoryError as e:
+    raise TaskDataError(f"{path} is a directory, not a file") from e
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise TaskDataError(
+      f"{path}:{line}: byte {data[e.start : e.start + 1]!r} at column {column} (offset "
+      f"{e.start}) is not UTF-8 ({e.reason}); the file must be UTF-8 text"
+    ) from e
+
+
+def _read_json(path: str) -> Any:
+  try:
+    return json.loads(read_text(path))
   except json.JSONDecodeError as e:
     raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
@@ -209,6 +230,15 @@ class VqaExample:
   question_type: str = ""  # the question's first words, e.g. "what color is the"
 
 
+VQA_ANSWERS = 10  # Annotators per question in VQAv2, which the metric assumes.
+
+
+def metric_cap(num_answers: int) -> float:
+  """The best official accuracy a question with `num_answers` annotator answers can get:
+  min(1, (n - 1) / 3), every leave-one-out subset of n - 1 answers agreeing."""
+  return min(1.0, (num_answers - 1) / 3)
+
+
 def _vqa_annotations(path: str) -> dict[int, dict]:
   by_question = {}
   for i, entry in enumerate(_list_field(_read_json(path), "annotations", path)):
@@ -226,6 +256,18 @@ def _vqa_annotations(path: str) -> dict[int, dict]:
       "answer_type": _field(entry, "answer_type", where, str),
       "question_type": _field(entry, "question_type", where, str),
     }
+  few = [len(a["answers"]) for a in by_question.values() if len(a["answers"]) < VQA_ANSWERS]
+  if few:
+    logging.warning(
+      "%s: %d of %d questions have fewer than %d annotator answers (as few as %d): the "
+      "official metric caps their accuracy at %.1f%% (min(1, (answers - 1) / 3))",
+      path,
+      len(few),
+      len(by_question),
+      VQA_ANSWERS,
+      min(few),
+      100 * metric_cap(min(few)),
+    )
   return by_question
 
 
@@ -251,6 +293,8 @@ def read_vqa(
   folder = os.path.join(image_root, subtype) if subtype else image_root
   if not os.path.isdir(folder):
     folder = image_root
+  if not questions:
+    raise TaskDataError(f"{questions_json}: the 'questions' list is empty")
   annotations = _vqa_annotations(annotations_json) if annotations_json else None
   examples = []
   for i, entry in enumerate(questions):
@@ -271,7 +315,29 @@ def read_vqa(
         **answer_fields,
       )
     )
+  _check_images_exist([e.image for e in examples], questions_json, image_root)
   return examples
+
+
+def _check_images_exist(paths: Sequence[str], source: str, image_root: str) -> None:
+  """TaskDataError when none of `paths` exists (a wrong images= directory), a warning
+  when some are missing (the datasets skip their rows)."""
+  distinct = list(dict.fromkeys(paths))
+  missing = [p for p in distinct if not os.path.lexists(p)]
+  if len(missing) == len(distinct):
+    raise TaskDataError(
+      f"{source}: none of the {len(distinct)} images it names exist under images="
+      f"{image_root} (the first: {missing[0]}); is images= the right directory?"
+    )
+  if missing:
+    logging.warning(
+      "%d of %d images of %s are not under %s (first: %s); their rows will be skipped",
+      len(missing),
+      len(distinct),
+      source,
+      image_root,
+      missing[0],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,13 +381,10 @@ class _ImageFinder:
 def read_nlvr2(jsonl: str, image_root: str) -> list[Nlvr2Example]:
   """An NLVR2 jsonl file -> examples in file order. An image found nowhere keeps its
   expected path (the datasets skip the row, naming the file) and is counted here."""
-  try:
-    with open(jsonl, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError as e:
-    raise TaskDataError(f"{jsonl} does not exist") from e
+  lines = read_text(jsonl).splitlines()
   finder = _ImageFinder(image_root)
   examples, missing = [], []
+  first_line: dict[str, int] = {}
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -331,6 +394,12 @@ def read_nlvr2(jsonl: str, image_root: str) -> list[Nlvr2Example]:
     except json.JSONDecodeError as e:
       raise TaskDataError(f"{where}: not valid JSON ({e.msg})") from e
     identifier = _field(entry, "identifier", where, str)
+    if identifier in first_line:
+      raise TaskDataError(
+        f"{where}: identifier {identifier!r} repeats line {first_line[identifier]} "
+        "(consistency groups and predictions go by identifier)"
+      )
+    first_line[identifier] = number
     stem, sep, _ = identifier.rpartition("-")
     if not sep:
       raise TaskDataError(f"{where}: identifier {identifier!r} is not split-set-pair-sentence")
@@ -348,6 +417,13 @@ def read_nlvr2(jsonl: str, image_root: str) -> list[Nlvr2Example]:
       paths.append(path)
     examples.append(
       Nlvr2Example(identifier, _field(entry, "sentence", where, str), label == "true", *paths)
+    )
+  if not examples:
+    raise TaskDataError(f"{jsonl}: no examples (the file is empty)")
+  if len(missing) == 2 * len(examples):
+    raise TaskDataError(
+      f"{jsonl}: none of the {len(missing)} images it names exist under images={image_root} "
+      f"(the first: {missing[0]}); is images= the right directory?"
     )
   if missing:
     logging.warning(
@@ -372,9 +448,9 @@ def load_image(
 ) -> np.ndarray:
   """An image file -> uint8 (S, S, 3): the whole image, or a random-resized crop when
   `crop_scale` is given, resized as the training pipeline does (shrunk while decoding,
-  then OpenCV). Raises OSError or pipeline.ImageError for a missing or corrupt file."""
-  with open(path, "rb") as f:
-    data = f.read()
+  then OpenCV). Raises OSError (image_files.ImageFileError: missing, not a regular file,
+  too large) or pipeline.ImageError (corrupt) naming the file."""
+  data = image_files.read_image_file(path)
   width, height = pipeline.image_dimensions(data)
   box = (0, 0, width, height)
   if crop_scale is not None and rng is not None:
@@ -384,18 +460,123 @@ def load_image(
   return pipeline.crop_resize_pixels(pixels, tuple(v * scale for v in box), image_size)
 
 
+def check_image(path: str) -> None:
+  """Raises ImageFileError or pipeline.ImageError when `path` is not an image by a cheap
+  look: image_files' checks and a header that parses (a corrupt body shows only when the
+  image is decoded)."""
+  size = 1 << 16
+  header = image_files.read_image_header(path, size)
+  try:
+    pipeline.image_dimensions(header)
+  except pipeline.ImageError:
+    if len(header) < size:
+      raise  # The whole file was read.
+    pipeline.image_dimensions(image_files.read_image_file(path))  # A header past 64 KiB.
+
+
+def _problem(path: str) -> str:
+  try:
+    check_image(path)
+  except (OSError, pipeline.ImageError) as e:
+    return str(e).replace("\n", " ")
+  return ""
+
+
+def screen_images(paths: Sequence[str], read_threads: int = 4) -> dict[str, str]:
+  """{path: why} of the distinct `paths` that fail `check_image`, in first-use order."""
+  distinct = list(dict.fromkeys(paths))
+  with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:
+    problems = list(pool.map(_problem, distinct))
+  return {path: why for path, why in zip(distinct, problems) if why}
+
+
+def example_images(example: VqaExample | Nlvr2Example) -> tuple[str, ...]:
+  if isinstance(example, Nlvr2Example):
+    return example.left, example.right
+  return (example.image,)
+
+
+def write_skip_list(path: str, problems: dict[str, str]) -> None:
+  """Adds `problems` to the image_files.SKIP_LIST_FILE lines of `path`: a resumed run
+  keeps the files found unreadable before (while training, too) listed."""
+  listed: dict[str, str] = {}
+  with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+    listed = dict(line.rstrip("\n").partition("\t")[::2] for line in f if line.strip())
+  listed.update(problems)
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    f.writelines(f"{p}\t{why}\n" for p, why in listed.items())
+  os.replace(f"{path}.tmp", path)
+
+
+def drop_unreadable(
+  examples: Sequence[Any],
+  *,
+  source: str,
+  max_skipped_fraction: float,
+  skip_list: str = "",
+  read_threads: int = 4,
+) -> list[Any]:
+  """The training examples (VQA or NLVR2) whose images pass `check_image`: a first pass
+  over the task data, so that unreadable files stop a run before it trains, not after.
+
+  Every unreadable file goes to `skip_list` (when given), all of them; a TaskDataError
+  when more than `max_skipped_fraction` (config.data.max_skipped_fraction) of the
+  examples would be left out, else a warning and the rest.
+  """
+  problems = screen_images([p for e in examples for p in example_images(e)], read_threads)
+  if skip_list:
+    write_skip_list(skip_list, problems)
+  if not problems:
+    return list(examples)
+  kept = [e for e in examples if not any(p in problems for p in example_images(e))]
+  left_out = len(examples) - len(kept)
+  listed = f"all listed in {skip_list}" if skip_list else "not listed (no skip list)"
+  first, why = next(iter(problems.items()))
+  summary = (
+    f"{left_out} of {len(examples)} training examples of {source} have an unreadable "
+    f"image: {len(problems)} files, {listed}; the first: {first} ({why})"
+  )
+  if left_out > max_skipped_fraction * len(examples):
+    raise TaskDataError(
+      f"{summary}. That is {left_out / len(examples):.1%} > "
+      f"config.data.max_skipped_fraction={max_skipped_fraction}: fix or remove them (or raise "
+      "the fraction) before training"
+    )
+  logging.warning("%s; they are left out.", summary)
+  return kept
+
+
+# (skip list, path) pairs this process has listed already: each file is listed once.
+_LISTED: set[tuple[str, str]] = set()
+_LISTED_LOCK = threading.Lock()
+
+
+def _list_skip(skip_list: str, path: str, why: str) -> None:
+  with _LISTED_LOCK:
+    if (skip_list, path) in _LISTED:
+      return
+    _LISTED.add((skip_list, path))
+  # Appends of one short line: whole even from several reader threads and processes.
+  with open(skip_list, "a", encoding="utf-8") as f:
+    f.write(f"{path}\t{why}\n")
+
+
 def _load_images(
   paths: Sequence[str],
   image_size: int,
   rng: np.random.Generator,
   crop_scale: tuple[float, float] | None,
+  skip_list: str = "",
 ) -> list[np.ndarray] | None:
   images = []
   for path in paths:
     try:
       images.append(load_image(path, image_size, rng, crop_scale))
     except (OSError, pipeline.ImageError) as e:
-      logging.log_every_n_seconds(logging.WARNING, "Skipping image %s: %s", 10, path, e)
+      if skip_list:
+        _list_skip(skip_list, path, str(e).replace("\n", " "))
+      where = f" (every such file is listed in {skip_list})" if skip_list else ""
+      logging.log_every_n_seconds(logging.WARNING, "Skipping image %s: %s%s", 10, path, e, where)
       return None
   return images
 
@@ -408,6 +589,7 @@ class _TaskRows(grain.transforms.RandomMap):
   image_size: int
   train: bool
   crop_scale: tuple[float, float] | None
+  skip_list: str = ""  # Where an unreadable file is listed (image_files.SKIP_LIST_FILE).
 
   image_fields: ClassVar[tuple[str, ...]] = ("image",)
 
@@ -428,7 +610,7 @@ class _TaskRows(grain.transforms.RandomMap):
     if example is None:
       return self._without_images(self.padding())
     crop_scale = self.crop_scale if self.train else None
-    images = _load_images(self.paths(example), self.image_size, rng, crop_scale)
+    images = _load_images(self.paths(example), self.image_size, rng, crop_scale, self.skip_list)
     row = self.fields(example, extra)
     if images is None:
       return None if self.train else self._without_images(row)
@@ -557,12 +739,14 @@ def create_vqa_dataset(
   process_count: int = 1,
   crop_scale: tuple[float, float] | None = None,
   read_threads: int = 4,
+  skip_list: str = "",
 ) -> grain.IterDataset:
   """VQA batches of `batch_size` rows for this process (fields: module docstring).
 
   Training leaves out the questions none of whose answers is in `answer_vocab`, as ViLT
   does; evaluation keeps every question (zero targets without annotations). A
-  `crop_scale` adds random-resized crops to training.
+  `crop_scale` adds random-resized crops to training; `skip_list` names the file where
+  every image that cannot be read is listed.
   """
   elements = list(zip(examples, vqa_targets(examples, answer_vocab)))
   if train:
@@ -574,7 +758,7 @@ def create_vqa_dataset(
         len(elements),
       )
     elements = kept
-  rows = _VqaRows(image_size, train, crop_scale, num_answers=len(answer_vocab))
+  rows = _VqaRows(image_size, train, crop_scale, skip_list, num_answers=len(answer_vocab))
   return _batches(
     elements,
     rows,
@@ -601,12 +785,13 @@ def create_nlvr2_dataset(
   process_count: int = 1,
   crop_scale: tuple[float, float] | None = None,
   read_threads: int = 4,
+  skip_list: str = "",
 ) -> grain.IterDataset:
   """NLVR2 batches of `batch_size` rows for this process (fields: module docstring);
-  "image" is the left image, "image2" the right one."""
+  "image" is the left image, "image2" the right one; `skip_list` as for VQA."""
   return _batches(
     [(example, i) for i, example in enumerate(examples)],
-    _Nlvr2Rows(image_size, train, crop_scale),
+    _Nlvr2Rows(image_size, train, crop_scale, skip_list),
     tokenizer,
     batch_size=batch_size,
     seed=seed,

@@ -52,7 +52,7 @@ from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation import finetune
 from vlp_jax.evaluation.embedding import DataError
-from vlp_jax.input_pipeline import pipeline, task_data
+from vlp_jax.input_pipeline import image_files, pipeline, task_data
 from vlp_jax.methods import vlc
 from vlp_jax.methods.base import (
   Batch,
@@ -68,6 +68,7 @@ from vlp_jax.models.heads import ItmHead
 from vlp_jax.models.single_stream import IMAGE_TYPE, SECOND_IMAGE_TYPE, SingleStreamEncoder
 
 TASKS = ("vqa", "nlvr2", "retrieval", "classify")
+NO_PRETRAINED = "none"  # config.finetune.pretrained: random initialisation, on purpose.
 NEW_HEADS = ("vqa_head", "nlvr2_head", "fc_norm", "class_head")  # head_lr_multiplier's
 FROZEN = "itm_head"  # Retrieval keeps the pretrained ITM head, as VLC does.
 _INIT = nn.initializers.normal(0.02)  # ViLT's init_weights for its heads.
@@ -339,6 +340,7 @@ class VlcTask(Method):
   num_negatives: int = 15
   itm_weight: float = 0.5
   label_smoothing: float = 0.1
+  max_skipped_fraction: float = 0.01  # config.data's: unreadable training images allowed.
   report_name: str = "vlp_jax-VLC"
 
   @property
@@ -480,20 +482,44 @@ class VlcTask(Method):
       crop_scale=self.crop_scale,
     )
     where = "config.finetune.train"
+    # Every unreadable image is listed there (process 0's), found before training or later.
+    skip_list = os.path.join(ctx.workdir, image_files.SKIP_LIST_FILE)
+    skip_list = skip_list if jax.process_index() == 0 else ""
+    screen = dict(
+      source=where,
+      max_skipped_fraction=self.max_skipped_fraction,
+      skip_list=skip_list,
+      read_threads=self.read_threads,
+    )
     if self.task == "vqa":
       _, examples = finetune.read_vqa_spec(self.train_spec, True, self.builtin, where)
+      examples = task_data.drop_unreadable(examples, **screen)
       return task_data.create_vqa_dataset(
-        examples, ctx.tokenizer, self.answers, train=True, **common
+        examples, ctx.tokenizer, self.answers, train=True, skip_list=skip_list, **common
       )
     if self.task == "nlvr2":
       _, examples = finetune.read_nlvr2_spec(self.train_spec, True, self.builtin, where)
-      return task_data.create_nlvr2_dataset(examples, ctx.tokenizer, train=True, **common)
+      examples = task_data.drop_unreadable(examples, **screen)
+      return task_data.create_nlvr2_dataset(
+        examples, ctx.tokenizer, train=True, skip_list=skip_list, **common
+      )
     data = finetune.read_classification_spec(self.train_spec, True, where)
     return create_classification_dataset(data, flip=self.flip, **common)
 
   def pretrained_params(self, gather: Callable[[], Params]) -> Params | None:
-    if not self.pretrained:
+    if self.pretrained == NO_PRETRAINED:
+      logging.warning(
+        "Fine-tuning %s from random initialisation (config.finetune.pretrained=%s)",
+        self.task,
+        NO_PRETRAINED,
+      )
       return None
+    if not self.pretrained:
+      raise ConfigError(
+        "config.finetune.pretrained is empty: give the VLC pretraining run (its workdir) "
+        f"to fine-tune, or {NO_PRETRAINED!r} to fine-tune from random initialisation on "
+        "purpose (e.g. --config=configs/demo_vqa.py:pretrained=none)"
+      )
     from vlp_jax.weights import convert
 
     try:
@@ -547,12 +573,13 @@ def create(ctx: MethodContext, task: str) -> VlcTask:
       raise ValueError(
         f"config.{key}: fine-tuning starts from a VLC run (config.finetune.pretrained)"
       )
-  if tune.pretrained and config.init_from:
+  pretrained = tune.pretrained if tune.pretrained != NO_PRETRAINED else ""
+  if pretrained and config.init_from:
     raise ValueError(
       "config.init_from and config.finetune.pretrained are both set: init_from restores a "
       "run of this same fine-tuning model, finetune.pretrained a VLC pretraining run"
     )
-  if tune.pretrained and not os.path.isdir(tune.pretrained):
+  if pretrained and not os.path.isdir(pretrained):
     raise ValueError(f"config.finetune.pretrained: {tune.pretrained!r} is not a directory")
   tokenizer = ctx.tokenizer
   encoder = vlc.create_model(
@@ -602,6 +629,7 @@ def create(ctx: MethodContext, task: str) -> VlcTask:
     num_negatives=tune.num_negatives,
     itm_weight=tune.itm_weight,
     label_smoothing=tune.label_smoothing,
+    max_skipped_fraction=config.data.max_skipped_fraction,
     report_name=f"vlp_jax-VLC-{task}-ViT-{image.variant}-{image.image_size}px",
   )
 
