@@ -264,6 +264,7 @@ def test_vqa_reader_errors_name_file_and_key(tmp_path):
 
 def test_vqa_test_dev_questions_need_no_annotations(tmp_path):
   (tmp_path / "test2015").mkdir()
+  (tmp_path / "test2015" / "COCO_test2015_000000000042.jpg").write_bytes(b"x")  # Not none.
   questions = _write_json(
     tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json",
     {
