@@ -9,7 +9,7 @@ method: "contrastive" (CLIP, the default) or "albef" (a small ALBEF: BERT-style 
 encoder with 2 text-only + 2 fusion layers, momentum model, queues; configs/albef_vitb16.py
 has the full recipe) or "cmask" (that ALBEF with CMask's masking agent) or "vlc" (a small
 VLC: the same ViT as one single-stream encoder over caption and image, trained with MLM +
-MAE + ITM; configs/vlc_vitb16.py has the recipe).
+MAE + ITM + word-patch alignment; configs/vlc_vitb16.py has the recipe).
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def use_cmask(config: ml_collections.ConfigDict) -> None:
 
 def use_vlc(config: ml_collections.ConfigDict) -> None:
   """The demo's VLC: the mu/8 ViT in MAE's layout as the single-stream encoder, a 2-block
-  decoder, and no evaluation task (every existing one needs embeddings, which a
-  single-stream model does not have)."""
+  decoder, VLC's losses (word-patch alignment at 0.1 included, configs/common.py), and no
+  evaluation task (every existing one needs embeddings, which a single-stream model does
+  not have). Crops and flips stay the demo's: its captions say "left of"."""
   config.method = "vlc"
   config.model.image.layer_norm_eps = 1e-6  # MAE's layout, as configs/vlc_vitb16.py.
   config.model.image.patch_bias = True

@@ -9,11 +9,14 @@ linear classifier, layer-wise lr decay 0.65.
       --config.eval.data.classify_finetuned=/data/imagenet,split=val
 
 The dataset is a class-folder tree (train/ and val/ of class folders) or a CLIP_benchmark
-wds directory (evaluation/classification_readers.py). Batch 1024, lr 5e-4 x 1024 / 256,
-AdamW (0.9, 0.999), wd 0.05, 100 epochs with 5 of warm-up, cosine decay, label smoothing
-0.1, random-resized crops (0.08-1) and flips. Not reproduced: mixup 0.8, cutmix 1.0,
-random erasing 0.25, drop path 0.1; MAE pools the patch states before its final norm, the
-encoder here applies it to every token first; gradients are clipped (MAE does not).
+wds directory (evaluation/classification_readers.py). The reference values (guilk/VLC
+imagenet_classification/README.md and main_finetune.py): batch 1024, lr 5e-4 x 1024 / 256,
+AdamW (0.9, 0.999), wd 0.05, 100 epochs with 5 of warm-up, cosine decay to 1e-6, layer
+decay 0.65, label smoothing 0.1, random-resized crops (0.08-1) and flips, 224 px (the
+repository's top README.md passes --input_size 384 instead). Not reproduced: RandAugment
+(timm's rand-m9-mstd0.5-inc1), mixup 0.8, cutmix 1.0, random erasing 0.25, drop path 0.1;
+MAE pools the patch states before its final norm, the encoder here applies it to every
+token first; gradients are clipped (MAE does not). docs/DESIGN.md lists them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from configs import vlc_vitb16, vlc_vqa
 from vlp_jax import config_lib
 
 IMAGENET_TRAIN = 1_281_167
+MIN_LR = 1e-6  # main_finetune.py's --min_lr.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune.crop_scale = (0.08, 1.0)
   config.finetune.flip = True
   config.optim.schedule = "cosine"  # MAE's.
+  config.optim.end_lr_ratio = MIN_LR / args.lr  # MAE's cosine ends at min_lr.
   config.optim.b2 = 0.999
   config.optim.weight_decay = 0.05
   config.optim.warmup_steps = 5 * steps_per_epoch

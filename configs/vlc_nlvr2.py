@@ -7,9 +7,13 @@ passes per statement (token types 1 and 2), the pooled states concatenated -> ML
       --config.finetune.train=/data/nlvr2/train.json,images=/data/nlvr2/images/train \
       --config.eval.data.nlvr2=/data/nlvr2/dev.json,images=/data/nlvr2/dev
 
-Evaluation writes accuracy and consistency (and the script's predictions file) under
-<workdir>/eval/; eval.py --tasks=nlvr2 --data.nlvr2=test1.json,... scores test-P.
-Not reproduced: RandAugment and dropout 0.1.
+The reference values (guilk/VLC README.md's NLVR command and vlc/config.py's
+task_finetune_nlvr2_mae_randaug): 384 px, lr 5e-4, batch 128, 20 epochs, 10% warm-up then
+linear decay, layer-wise lr decay 0.5, training images RandomResizedCrop(scale=(0.9, 1.0))
+without flips. Evaluation writes accuracy and consistency (and the script's predictions
+file) under <workdir>/eval/; eval.py --tasks=nlvr2 --data.nlvr2=test1.json,... scores test-P.
+Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
+Not reproduced: RandAugment (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ NLVR2_STEPS = 13_500
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, pretrained="", steps=NLVR2_STEPS, batch_size=128, image_size=384, lr=1e-4
+    arg, pretrained="", steps=NLVR2_STEPS, batch_size=128, image_size=384, lr=vlc_vqa.REFERENCE_LR
   )
   config = vlc_vitb16.get_config(f"image_size={args.image_size}")
   config.unlock()

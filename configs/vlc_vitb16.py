@@ -1,11 +1,18 @@
-"""VLC pretraining: a ViT-B/16 single-stream transformer with MLM + MAE + ITM (the
-reference's task_mlm_itm_mae with whole-word masking, step25k, 384 px).
+"""VLC pretraining: a ViT-B/16 single-stream transformer with MLM + MAE + ITM + word-patch
+alignment (the reference's task_mlm_itm_mae with whole-word masking, step25k, 384 px).
 
   python train.py --config=configs/vlc_vitb16.py --workdir=/path/run \
       --config.data.train=/data/coco_vg_sbu_gcc --config.data.eval=/data/coco_val \
       --config.data.vocab_file=/data/bert-base-uncased-vocab.txt \
       --config.model.image.init=timm:/data/mae_pretrain_vit_base_full.pth
-  python train.py --config=configs/vlc_vitb16.py:wpa=True ...  # + word-patch alignment
+  python train.py --config=configs/vlc_vitb16.py:wpa=False,flip=False ...  # Without WPA, flips.
+
+The reference values (guilk/VLC vlc/config.py, vlc/modules/objectives.py,
+vlc/transforms/mae_transforms.py): batch 4,096, 25k steps, AdamW lr 1e-4 (0.9, 0.98),
+wd 0.01, 10% warm-up then linear decay; whole-word MLM 15%, 60% of the patches masked,
+MAE weight 1, ITM weight 1, word-patch alignment always on at 0.1 (the training step sums
+every "loss" output); images RandomResizedCrop(scale=(0.8, 1.0)) + horizontal flip (the
+"mae" transform), ImageNet's pixel statistics; 40 text tokens.
 
 The MAE checkpoint initialises encoder and decoder (weights/timm_vit.import_mae_into_vlc);
 without one both start at random. No evaluation task by default: VLC has no separate
@@ -26,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, variant="B/16", batch_size=4096, steps=25_000, image_size=384, wpa=False
+    arg, variant="B/16", batch_size=4096, steps=25_000, image_size=384, wpa=True, flip=True
   )
   config = base_config()
   config.method = "vlc"
@@ -41,10 +48,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.image.mean = IMAGENET_MEAN
   config.model.image.std = IMAGENET_STD
   config.model.text.context_length = 40  # VLC's max_text_len: 40 learned positions.
+  # VLC's drop_rate 0.1 (vlc/config.py) reaches only its text BertEmbeddings
+  # (vlc/modules/vlc_module.py); its ViT blocks are built without dropout.
+  config.model.text.dropout = 0.1
   config.data.tokenizer = "wordpiece"  # bert-base-uncased's vocabulary in the paper.
-  config.data.flip = False  # Captions say "left" and "right".
+  # VLC's "mae" transform. A flip makes a caption's "left" and "right" wrong; the
+  # reference flips all the same (flip=False turns it off).
+  config.data.crop_scale = (0.8, 1.0)
+  config.data.flip = args.flip
 
-  config.vlc.wpa = args.wpa
+  config.vlc.wpa = args.wpa  # Weight config.vlc.wpa_weight: 0.1.
 
   # AdamW lr 1e-4 (0.9, 0.98), wd 0.01, eps 1e-8 (torch's default, as ViLT / VLC),
   # warm-up over the first 10% of the steps, then linear decay to 0.

@@ -360,7 +360,16 @@ def test_losses_and_grads_on_an_8_device_mesh_equal_one_device(monkeypatch):
   mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   (found, grads), specs = _loss_and_grads(method, params, mesh)
   assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs)
-  assert set(found) == {"loss", "mlm_loss", "mae_loss", "itm_loss", "mlm_accuracy", "itm_accuracy"}
+  # Word-patch alignment is on by default (VLC's pretraining), so its loss is compared too.
+  assert set(found) == {
+    "loss",
+    "mlm_loss",
+    "mae_loss",
+    "itm_loss",
+    "wpa_loss",
+    "mlm_accuracy",
+    "itm_accuracy",
+  }
   for key, value in expected.items():
     np.testing.assert_allclose(found[key], value, rtol=1e-5, err_msg=key)
   jax.tree.map(

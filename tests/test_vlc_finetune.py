@@ -178,6 +178,12 @@ def test_retrieval_negatives_are_other_rows_and_the_loss_leaves_the_itm_head_alo
   new = optax.apply_updates(params, updates)
   jax.tree.map(np.testing.assert_array_equal, new["itm_head"], params["itm_head"])
   assert not np.allclose(new["rank_head"]["kernel"], params["rank_head"]["kernel"])
+  # The default, as VLC trains (its set_task drops the 0.5 x ITM): the rank loss alone.
+  default = task_method("retrieval", num_negatives=3)
+  _, (metrics, _) = jax.eval_shape(
+    default.loss, params, {}, {"image": images, "tokens": tokens}, jax.random.PRNGKey(1), 0
+  )
+  assert default.itm_weight == 0 and set(metrics) == {"loss", "irtr_loss", "irtr_accuracy"}
 
 
 # ---------------------------------------------------------------- optimizer
