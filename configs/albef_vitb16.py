@@ -44,6 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.text.num_heads = 12
   config.model.text.mlp_dim = 3072
   config.model.text.layer_norm_eps = 1e-12
+  # ALBEF's configs/config_bert.json: hidden_dropout_prob and attention_probs_dropout_prob
+  # 0.1. Its ViT has none (models/vit.py: drop_rate 0), the base config's image default.
+  config.model.text.dropout = 0.1
+  config.model.text.attention_dropout = 0.1
 
   config.albef.fusion_layer = 6
   config.albef.queue_size = 65_536

@@ -71,6 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
   # use ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
   config.model.image.mean = ml_collections.FieldReference(None, field_type=tuple)
   config.model.image.std = ml_collections.FieldReference(None, field_type=tuple)
+  # Dropout in the image tower's blocks during training steps (evaluation never drops):
+  # timm's drop_rate (attention output, MLP) and attn_drop_rate (attention probabilities).
+  # 0 in every reference: open_clip, ALBEF's ViT (models/vit.py), VLC's single-stream
+  # blocks (vlc/modules/mae_transformer.py). ALBEF / CMask / VLC only: CLIP refuses > 0.
+  config.model.image.dropout = 0.0
+  config.model.image.attention_dropout = 0.0
   # Pretrained image tower: "FORMAT:PATH" with FORMAT open_clip (a CLIP's visual part),
   # hf_clip or timm (also MAE), or a directory written by `python -m vlp_jax.weights.convert`.
   # Loaded when the workdir has no checkpoint yet; "": random initialisation.
@@ -94,6 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.text.depth = 12
   config.model.text.num_heads = 8
   config.model.text.mlp_dim = 2048
+  # Dropout in the text tower during training steps (evaluation never drops). ALBEF /
+  # CMask's BERT: hidden_dropout_prob (embeddings, attention and FFN outputs) and
+  # attention_probs_dropout_prob (self- and cross-attention), 0.1 each in ALBEF's
+  # configs/config_bert.json (configs/albef_vitb16.py sets them). VLC: dropout on the text
+  # embeddings only, 0.1 (vlc/config.py drop_rate; configs/vlc_vitb16.py), and no
+  # attention_dropout. CLIP's towers (open_clip): none, and > 0 is refused.
+  config.model.text.dropout = 0.0
+  config.model.text.attention_dropout = 0.0
 
   # What trains (vlp_jax/peft.py): "all" (CLIP), "lit" (image tower frozen), "lilt"
   # (towers frozen but layer norms, adapters, projections), "bitfit" (biases, projections),
@@ -190,8 +204,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.vlc.mlm_weight = 1.0  # Loss weights (VLC: all 1).
   config.vlc.mae_weight = 1.0  # 0 also skips the decoder.
   config.vlc.itm_weight = 1.0
-  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight.
-  config.vlc.wpa = False
+  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight: on
+  # at 0.1, as VLC's pretraining (compute_itm_wpa adds 0.1 x the OT loss to every step).
+  config.vlc.wpa = True
   config.vlc.wpa_weight = 0.1
   # MAE decoder on the fused image tokens (MAE's ViT-B: 512 wide, 8 blocks, 16 heads).
   config.vlc.decoder_width = 512
@@ -223,14 +238,17 @@ def base_config() -> ml_collections.ConfigDict:
   # The new heads' (VQA, NLVR2, classifier) lr multiplier. VLC's layer-wise groups give
   # them 1 (its lr_mult=10 only reaches its pretraining-style groups, as ViLT's do).
   config.finetune.head_lr_multiplier = 1.0
-  # Random-resized-crop area range of training images; None: the whole image (VQA /
-  # NLVR2: a crop could cut away what is asked about). Flips: classify only.
+  # Random-resized-crop area range of training images; None: the whole image (the demos:
+  # a crop could cut away what is asked about; configs/vlc_*.py: VLC's (0.9, 1.0)).
+  # Flips: classify only.
   config.finetune.crop_scale = ml_collections.FieldReference(None, field_type=tuple)
   config.finetune.flip = False
   # Retrieval: other rows' captions each image is ranked against besides its own (VLC:
-  # 15 drawn captions) and the ITM loss weight beside the rank loss (VLC: 0.5, ITM head frozen).
+  # 15 drawn captions) and the ITM loss weight beside the rank loss, ITM head frozen. 0, as
+  # VLC and ViLT train: their configs list "itm": 0.5, but set_task keeps only the losses
+  # of weight >= 1, so the rank head trains alone.
   config.finetune.num_negatives = 15
-  config.finetune.itm_weight = 0.5
+  config.finetune.itm_weight = 0.0
   # Retrieval evaluation (itm_retrieval): the dual encoder whose shortlist_k nearest
   # candidates per query the rank head re-ranks, a CLIP run's workdir or a converted CLIP
   # directory (python -m vlp_jax.weights.convert); a true match outside the shortlist is
@@ -379,6 +397,8 @@ RULES: dict[str, Rule] = {
   "model.image.layer_norm_eps": positive(),
   "model.image.mean": each(in_range(0, 1), length=3),
   "model.image.std": each(positive(), length=3),
+  "model.image.dropout": in_range(0, 1, include_high=False),
+  "model.image.attention_dropout": in_range(0, 1, include_high=False),
   "model.text.max_positions": at_least(1),
   "model.text.layer_norm_eps": positive(),
   "model.text.vocab_size": at_least(1),
@@ -387,6 +407,8 @@ RULES: dict[str, Rule] = {
   "model.text.depth": at_least(1),
   "model.text.num_heads": at_least(1),
   "model.text.mlp_dim": at_least(1),
+  "model.text.dropout": in_range(0, 1, include_high=False),
+  "model.text.attention_dropout": in_range(0, 1, include_high=False),
   "peft.adapter_reduction": at_least(1),
   "peft.lora_rank": at_least(1),
   "peft.lora_alpha": positive(),

@@ -72,15 +72,36 @@ def test_itm_negatives_never_pick_the_positive_or_an_excluded_row():
   sim_t2i = jnp.asarray(rng.normal(size=(6, 6 + 10)), jnp.float32)
   exclude = jnp.asarray(rng.random((6, 6)) < 0.3)
   draw = jax.jit(jax.vmap(lambda key: albef.itm_negatives(key, sim_i2t, sim_t2i, exclude)))
-  images, texts = (np.asarray(x) for x in draw(jax.random.split(jax.random.PRNGKey(0), 2000)))
+  images, texts = (np.asarray(x) for x in draw(jax.random.split(jax.random.PRNGKey(0), 4000)))
   banned = np.asarray(exclude) | np.eye(6, dtype=bool)
-  for drawn in (images, texts):
+  for drawn, sim in ((images, sim_t2i), (texts, sim_i2t)):
     assert drawn.max() < 6  # Only batch rows, never queue columns.
     assert not banned[np.arange(6)[None, :], drawn].any()
-  # Every allowed row is possible (ALBEF's +1e-4): each row draws several negatives.
-  allowed = (~banned).sum(1)
-  seen = np.array([len(set(images[:, r])) for r in range(6)])
-  assert (seen == allowed).all()
+    # salesforce/ALBEF models/model_pretrain.py: weights = softmax(sim[:, :bs]) with the
+    # diagonal zeroed, torch.multinomial: the softmax renormalised over the other rows.
+    weights = np.where(banned, 0.0, np.exp(np.asarray(sim)[:, :6]))
+    expected = weights / weights.sum(1, keepdims=True)
+    found = np.stack([np.bincount(drawn[:, r], minlength=6) / len(drawn) for r in range(6)])
+    np.testing.assert_allclose(found, expected, atol=0.03)
+
+
+def test_itm_negatives_never_draw_what_albefs_softmax_gives_no_weight():
+  # A batch of 64 where each row's positive scores 5, two other rows 2 and 1, the other 61
+  # -30: ALBEF's weights there are ~e-31 (never drawn). The former softmax + 1e-4 drew
+  # them in 8.7% of these draws: the positive holds most of the softmax, so the 61
+  # epsilons outweigh the real negatives.
+  rows = 64
+  sim = np.full((rows, rows + 8), -30.0, np.float32)
+  near, next_near = (np.arange(rows) + 1) % rows, (np.arange(rows) + 2) % rows
+  sim[np.arange(rows), np.arange(rows)] = 5.0
+  sim[np.arange(rows), near] = 2.0
+  sim[np.arange(rows), next_near] = 1.0
+  sim = jnp.asarray(sim)
+  draw = jax.jit(jax.vmap(lambda key: albef.itm_negatives(key, sim, sim)[0]))
+  drawn = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 1000)))
+  assert np.isin(drawn - np.arange(rows), [1, 2, 1 - rows, 2 - rows]).all()
+  share_near = np.mean(drawn == near)
+  assert share_near == pytest.approx(np.exp(2) / (np.exp(2) + np.exp(1)), abs=0.01)
 
 
 def test_queue_warmup_leaves_the_queue_out_of_ita():

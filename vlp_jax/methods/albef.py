@@ -10,6 +10,9 @@ One step, as the reference code orders it:
   chooses the tokens, online and momentum models read the masked caption with their image
   tokens, `mlm_feedback` sees the result -> enqueue the momentum features of the global
   batch.
+Dropout (config.model.text.dropout / attention_dropout: ALBEF's BERT 0.1 each) runs in
+every encoder and fusion pass of the step, the momentum model's too (ALBEF's momentum
+encoders run in training mode), each pass with its own key; evaluation runs none.
 
 Differences from the reference code, all deliberate:
 - Hard negatives are drawn from the GLOBAL batch (ALBEF draws within each GPU's batch),
@@ -39,7 +42,16 @@ import optax
 from vlp_jax import losses, pretrained
 from vlp_jax.masking import text as text_masking
 from vlp_jax.methods import buffers
-from vlp_jax.methods.base import Batch, Extra, Method, MethodContext, Metrics, Params, PredictFn
+from vlp_jax.methods.base import (
+  Batch,
+  Extra,
+  Method,
+  MethodContext,
+  Metrics,
+  Params,
+  PredictFn,
+  dropout_rngs,
+)
 from vlp_jax.models.albef import MOMENTUM_PARTS, AlbefModel, create_albef_model
 
 # A logit no softmax weight survives (finite, so 0 * it stays 0 in the soft targets).
@@ -121,17 +133,15 @@ def itm_negatives(
   rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array, exclude: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """(negative image per text (B,), negative text per image (B,)), each drawn from
-  softmax(row of the batch logits) + 1e-4 with the positive and `exclude` (B, B) left
-  out, as ALBEF weights them (the 1e-4 keeps every other row possible)."""
+  softmax(row of the batch logits) with the positive and `exclude` (B, B) left out, as
+  ALBEF's models/model_pretrain.py (softmax(sim[:, :bs]), diagonal zeroed,
+  torch.multinomial). Drawn from the logits (losses.sample_negatives), so no row's
+  probabilities underflow to all zeros and nothing needs an epsilon: a row with nothing
+  left to draw gets its own index."""
   rows = sim_i2t.shape[0]
-
-  def weights(sim: jax.Array) -> jax.Array:
-    probs = jax.nn.softmax(jax.lax.stop_gradient(sim[:, :rows]).astype(jnp.float32), axis=-1)
-    return jnp.log(probs + 1e-4)
-
   image_rng, text_rng = jax.random.split(rng)
-  negative_images = losses.sample_negatives(image_rng, weights(sim_t2i), exclude)
-  negative_texts = losses.sample_negatives(text_rng, weights(sim_i2t), exclude)
+  negative_images = losses.sample_negatives(image_rng, sim_t2i[:, :rows], exclude)
+  negative_texts = losses.sample_negatives(text_rng, sim_i2t[:, :rows], exclude)
   return negative_images, negative_texts
 
 
@@ -206,8 +216,9 @@ class Albef(Method):
     }
     return {"model": model_params}, extra
 
-  def _apply(self, params: Params, *args: Any, method: Callable) -> Any:
-    return self.model.apply({"params": params}, *args, method=method)
+  def _apply(self, params: Params, *args: Any, method: Callable, rngs: dict | None = None) -> Any:
+    """`method` of the model; `rngs` (base.dropout_rngs) switch dropout on."""
+    return self.model.apply({"params": params}, *args, method=method, rngs=rngs)
 
   def loss(
     self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
@@ -224,8 +235,14 @@ class Albef(Method):
     ema = buffers.ema_update(extra["ema"], {k: online[k] for k in MOMENTUM_PARTS}, self.momentum)
     momentum = jax.lax.stop_gradient({**online, **ema})
 
-    image_tokens, image_feat = self._apply(online, images, method=AlbefModel.encode_image)
-    text_states, text_feat = self._apply(online, tokens, method=AlbefModel.encode_text)
+    # Every pass runs dropout with a key of its own, the momentum ones too: ALBEF's
+    # momentum encoders run in training mode (torch.no_grad keeps dropout on).
+    image_tokens, image_feat = self._apply(
+      online, images, method=AlbefModel.encode_image, rngs=dropout_rngs(rng, 0)
+    )
+    text_states, text_feat = self._apply(
+      online, tokens, method=AlbefModel.encode_text, rngs=dropout_rngs(rng, 1)
+    )
     choice = self.select_mlm(
       params,
       extra,
@@ -237,10 +254,16 @@ class Albef(Method):
     )
     # Momentum passes: the caption and the masked caption through the text-only layers
     # at once (one program of twice the rows compiles and runs faster than two).
-    image_tokens_m, image_feat_m = self._apply(momentum, images, method=AlbefModel.encode_image)
+    image_tokens_m, image_feat_m = self._apply(
+      momentum, images, method=AlbefModel.encode_image, rngs=dropout_rngs(rng, 2)
+    )
     both = jnp.concatenate([tokens, choice.inputs])
     states_m, text_feat_m = self._apply(
-      momentum, both, jnp.concatenate([mask, mask]), method=AlbefModel.encode_text
+      momentum,
+      both,
+      jnp.concatenate([mask, mask]),
+      method=AlbefModel.encode_text,
+      rngs=dropout_rngs(rng, 3),
     )
     rows = tokens.shape[0]
     image_tokens_m, image_feat_m, text_feat_m, masked_states_m = jax.lax.stop_gradient(
@@ -259,14 +282,28 @@ class Albef(Method):
       use_queue,
     )
     negative_images, negative_texts = self.draw_negatives(itm_rng, tokens, sim_i2t, sim_t2i)
-    masked_states, _ = self._apply(online, choice.inputs, mask, method=AlbefModel.encode_text)
+    masked_states, _ = self._apply(
+      online, choice.inputs, mask, method=AlbefModel.encode_text, rngs=dropout_rngs(rng, 4)
+    )
     itm_logits, mlm_fused, flows = self.fused_heads(
-      online, text_states, masked_states, mask, image_tokens, negative_images, negative_texts
+      online,
+      text_states,
+      masked_states,
+      mask,
+      image_tokens,
+      negative_images,
+      negative_texts,
+      rngs=dropout_rngs(rng, 5),
     )
     labels = jnp.concatenate([jnp.ones((rows,), jnp.int32), jnp.zeros((2 * rows,), jnp.int32)])
     itm, itm_metrics = losses.itm_loss(itm_logits, labels)
     fused_m, _ = self._apply(
-      momentum, masked_states_m, mask, image_tokens_m, method=AlbefModel.fuse
+      momentum,
+      masked_states_m,
+      mask,
+      image_tokens_m,
+      method=AlbefModel.fuse,
+      rngs=dropout_rngs(rng, 6),
     )
     mlm = self._mlm(online, momentum, mlm_fused, fused_m, flows, tokens, choice.selected, alpha)
 
@@ -318,18 +355,19 @@ class Albef(Method):
     image_tokens: jax.Array,
     negative_images: jax.Array,
     negative_texts: jax.Array,
+    rngs: dict | None = None,
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pass of the fusion layers over [pairs; (text, its negative image); (negative
     text, image); (masked caption, image)]: (ITM logits (3B, 2), the masked captions'
     fused states (B, T, W), their information flows (L, B, T)). The B images' keys and
-    values are computed once and indexed per row."""
+    values are computed once and indexed per row; `rngs`: dropout, each row its own."""
     rows = text_states.shape[0]
     states = jnp.concatenate([text_states, text_states, text_states[negative_texts], masked_states])
     masks = jnp.concatenate([mask, mask, mask[negative_texts], mask])
     own = jnp.arange(rows)
     image_index = jnp.concatenate([own, negative_images, own, own])
     fused, flows = self._apply(
-      online, states, masks, image_tokens, image_index, method=AlbefModel.fuse
+      online, states, masks, image_tokens, image_index, method=AlbefModel.fuse, rngs=rngs
     )
     itm_logits = self._apply(online, fused[: 3 * rows], method=AlbefModel.itm_logits)
     return itm_logits, fused[3 * rows :], flows[:, 3 * rows :]

@@ -33,6 +33,17 @@ Batch = dict[str, jax.Array]
 PredictFn = Callable[[Params, jax.Array], jax.Array]
 LossAndGrads = tuple[tuple[jax.Array, tuple[Metrics, Extra]], Params]
 
+# Folded into the step rng for dropout keys, so a method's other draws from that rng
+# (negatives, masks) stay what they were without dropout.
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
+
+def dropout_rngs(rng: jax.Array, call: int = 0) -> dict[str, jax.Array]:
+  """`apply(..., rngs=)` for a training forward pass: a "dropout" key from the step's
+  `rng`, another for each `call` number. Prediction and evaluation pass none, which
+  makes every dropout layer the identity (models.layers.apply_dropout)."""
+  return {"dropout": jax.random.fold_in(jax.random.fold_in(rng, _DROPOUT_STREAM), call)}
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodContext:

@@ -146,7 +146,8 @@ class CMask(Albef):
 
   def _image_free_loss(self, params: Params, batch: Batch, choice: MlmChoice) -> jax.Array:
     """(B,): each caption's MLM loss over the agent's tokens when the fusion layers see
-    no image (zero image tokens): the baseline the image's help is measured against."""
+    no image (zero image tokens): the baseline the image's help is measured against.
+    Without dropout (no rng): the baseline's own noise would only add to the reward's."""
     online = jax.lax.stop_gradient(params["model"])
     tokens = batch["tokens"]
     mask = tokens != self.model.text.pad_id

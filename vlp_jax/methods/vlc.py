@@ -9,8 +9,9 @@ One step, as the reference code does it:
    normalised pixels over the dropped patches only (MAE's norm_pix_loss).
 2. ITM pass (a second pass, as VLC and ViLT: its text is not masked): half the rows keep
    their image, the other half get another row's image, masked with a fresh draw; a
-   2-way head on the pooled state. Optionally word-patch alignment on the same pass
-   (ViLT's inexact optimal transport between text and patch states, weight 0.1).
+   2-way head on the pooled state. Word-patch alignment on the same pass (ViLT's inexact
+   optimal transport between text and patch states, weight 0.1): on, as in VLC's
+   pretraining, unless config.vlc.wpa is False.
 Both passes run as one encoder call over 2B rows (one program, bigger matmuls).
 Loss weights come from config.vlc. Predictions for evaluation: "match_image" and
 "match_score" (ITM re-ranking, the names ALBEF uses); a single-stream model has no
@@ -42,6 +43,7 @@ from vlp_jax.methods.base import (
   Metrics,
   Params,
   PredictFn,
+  dropout_rngs,
 )
 from vlp_jax.models.layers import compute_dtype, refuse_scan_layers
 from vlp_jax.models.single_stream import MaeDecoder, SingleStream, SingleStreamEncoder
@@ -239,7 +241,7 @@ class Vlc(Method):
   mlm_weight: float = 1.0
   mae_weight: float = 1.0
   itm_weight: float = 1.0
-  wpa: bool = False
+  wpa: bool = True
   wpa_weight: float = 0.1
   init_specs: tuple[pretrained.InitSpec, ...] = ()
   report_name: str = "vlp_jax-VLC"
@@ -303,7 +305,7 @@ class Vlc(Method):
         out["pixels"] = model.reconstruct(mae_image, keep)
       return out
 
-    out = self.model.apply({"params": params}, method=forward)
+    out = self.model.apply({"params": params}, method=forward, rngs=dropout_rngs(rng))
     mlm, mlm_metrics = losses.mlm_loss(out["mlm_logits"], tokens, selected)
     itm, itm_metrics = losses.itm_loss(out["itm_logits"], labels)
     metrics = {"mlm_loss": mlm, "itm_loss": itm, **mlm_metrics, **itm_metrics}
@@ -403,6 +405,11 @@ def create_model(
   for key, width in (("model.image.width", size.width), ("vlc.decoder_width", vlc.decoder_width)):
     if width % 4:
       raise ValueError(f"config.{key}={width}: sin-cos positions need a multiple of 4")
+  if text.attention_dropout:
+    raise ValueError(
+      f"config.model.text.attention_dropout={text.attention_dropout}: VLC's text has no "
+      "attention of its own; the single stream's is config.model.image.attention_dropout"
+    )
   max_positions = text.max_positions or context_length
   if max_positions < context_length:
     raise ValueError(
@@ -424,6 +431,9 @@ def create_model(
     layer_norm_eps=image.layer_norm_eps,
     text_layer_norm_eps=text.layer_norm_eps,
     patch_bias=image.patch_bias,
+    text_dropout=text.dropout,  # VLC: drop_rate 0.1, on its BertEmbeddings only.
+    dropout=image.dropout,  # VLC's blocks: none (mae_transformer.py's Block(drop=0)).
+    attention_dropout=image.attention_dropout,
   )
   decoder = MaeDecoder(
     width=vlc.decoder_width,

@@ -10,8 +10,9 @@
 - retrieval: a rank head Dense(1) initialised from the ITM head's "matched" row; each
   image is scored against its caption and `num_negatives` captions of other rows of the
   batch, cross-entropy towards its own (VLC's irtr, whose negatives are drawn from the
-  dataset), plus `itm_weight` x the ITM loss (random-image negatives) with the ITM head
-  frozen, as VLC's irtr recipe.
+  dataset); the ITM head stays frozen. `itm_weight` > 0 adds that x the ITM loss
+  (random-image negatives): VLC's config lists 0.5, but its set_task drops every loss
+  weighted under 1, so the reference trains the rank loss alone (itm_weight 0).
 - classify: the image alone (no text tokens); the mean of the patch states -> LayerNorm
   -> Dense(classes) (MAE's fine-tuning head with global pooling, which VLC's ImageNet
   fine-tune uses); cross-entropy with label smoothing.
@@ -63,6 +64,7 @@ from vlp_jax.methods.base import (
   Metrics,
   Params,
   PredictFn,
+  dropout_rngs,
 )
 from vlp_jax.models.heads import ItmHead
 from vlp_jax.models.single_stream import IMAGE_TYPE, SECOND_IMAGE_TYPE, SingleStreamEncoder
@@ -338,7 +340,7 @@ class VlcTask(Method):
   crop_scale: tuple[float, float] | None = None
   flip: bool = False
   num_negatives: int = 15
-  itm_weight: float = 0.5
+  itm_weight: float = 0.0
   label_smoothing: float = 0.1
   max_skipped_fraction: float = 0.01  # config.data's: unreadable training images allowed.
   report_name: str = "vlp_jax-VLC"
@@ -381,20 +383,24 @@ class VlcTask(Method):
     if FROZEN in params:  # No gradient for the frozen ITM head.
       params = {**params, FROZEN: jax.lax.stop_gradient(params[FROZEN])}
     variables = {"params": params}
+    rngs = dropout_rngs(rng)  # Text-embedding dropout (VLC's drop_rate), and any other.
     if self.task == "vqa":
-      logits = self.model.apply(variables, batch["image"], batch["tokens"]).astype(jnp.float32)
+      logits = self.model.apply(variables, batch["image"], batch["tokens"], rngs=rngs)
+      logits = logits.astype(jnp.float32)
       loss = vqa_loss(logits, batch["targets"])
       # ViLT's VQAScore: the soft score of the chosen answer.
       chosen = jnp.argmax(logits, axis=-1)[:, None]
       score = jnp.mean(jnp.take_along_axis(batch["targets"], chosen, axis=1))
       metrics = {"vqa_loss": loss, "vqa_score": score}
     elif self.task == "nlvr2":
-      logits = self.model.apply(variables, batch["image"], batch["tokens"], batch["image2"])
+      logits = self.model.apply(
+        variables, batch["image"], batch["tokens"], batch["image2"], rngs=rngs
+      )
       loss, metrics = _cross_entropy(logits, batch["label"], 0.0, "nlvr2")
     elif self.task == "retrieval":
       loss, metrics = self._retrieval_loss(variables, batch, rng)
     else:
-      logits = self.model.apply(variables, batch["image"])
+      logits = self.model.apply(variables, batch["image"], rngs=rngs)
       loss, metrics = _cross_entropy(logits, batch["label"], self.label_smoothing, "class")
     metrics["loss"] = loss
     return loss, (metrics, extra)
@@ -408,7 +414,10 @@ class VlcTask(Method):
     # Every image against its caption (column 0) and num_negatives other rows' captions.
     captions = tokens[negative_captions(rank_rng, rows, self.num_negatives)]
     scores = self.model.apply(
-      variables, jnp.repeat(images, choices, axis=0), captions.reshape(rows * choices, -1)
+      variables,
+      jnp.repeat(images, choices, axis=0),
+      captions.reshape(rows * choices, -1),
+      rngs=dropout_rngs(rng, 0),
     )
     scores = scores.reshape(rows, choices).astype(jnp.float32)
     rank = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(scores, jnp.zeros(rows, int)))
@@ -419,7 +428,9 @@ class VlcTask(Method):
     loss = rank
     if self.itm_weight > 0:
       itm_images, labels = vlc.itm_pairs(pair_rng, images)
-      logits = self.model.apply(variables, itm_images, tokens, method=TaskModel.itm_logits)
+      logits = self.model.apply(
+        variables, itm_images, tokens, method=TaskModel.itm_logits, rngs=dropout_rngs(rng, 1)
+      )
       itm, itm_metrics = losses.itm_loss(logits, labels)
       metrics.update(itm_loss=itm, **itm_metrics)
       loss = loss + self.itm_weight * itm

@@ -57,6 +57,10 @@ class AlbefText(nn.Module):
   dtype: jnp.dtype = jnp.float32
   pad_id: int = 0
   attention: str = "auto"  # config.model.attention, for the self-attention of every layer.
+  # BERT's hidden_dropout_prob and attention_probs_dropout_prob (ALBEF's
+  # configs/config_bert.json: 0.1 each): config.model.text.dropout / attention_dropout.
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
 
   def setup(self) -> None:
     if not 0 <= self.fusion_layer <= self.depth:
@@ -68,17 +72,19 @@ class AlbefText(nn.Module):
       self.type_vocab_size,
       self.layer_norm_eps,
       self.dtype,
+      dropout=self.dropout,
       name="embeddings",
     )
     args = (self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype)
     text_cls, fusion_cls = with_remat(BertLayer, self.remat), with_remat(FusionLayer, self.remat)
-    attention = self.attention
+    options = dict(
+      attention=self.attention, dropout=self.dropout, attention_dropout=self.attention_dropout
+    )
     self.text_layers = [
-      text_cls(*args, attention=attention, name=f"layer_{i}") for i in range(self.fusion_layer)
+      text_cls(*args, **options, name=f"layer_{i}") for i in range(self.fusion_layer)
     ]
     self.fusion_layers = [
-      fusion_cls(*args, attention=attention, name=f"layer_{i}")
-      for i in range(self.fusion_layer, self.depth)
+      fusion_cls(*args, **options, name=f"layer_{i}") for i in range(self.fusion_layer, self.depth)
     ]
     self.mlm_head = MlmHead(
       self.vocab_size, self.activation, self.layer_norm_eps, self.dtype, name="mlm_head"
@@ -248,6 +254,10 @@ def create_albef_model(
     model_config.attention,
     dtype,
     {"image": size.width // size.num_heads, "text": text_cfg.width // text_cfg.num_heads},
+    attention_dropout={
+      "image": image_cfg.attention_dropout,
+      "text": text_cfg.attention_dropout,
+    },
   )
   visual = VisionTransformer(
     size=size,
@@ -257,6 +267,8 @@ def create_albef_model(
     remat=model_config.remat,
     dtype=dtype,
     attention=model_config.attention,
+    dropout=image_cfg.dropout,  # ALBEF's ViT: none (models/vit.py's drop_rate 0).
+    attention_dropout=image_cfg.attention_dropout,
     **vit_options(image_cfg),
   )
   text = AlbefText(
@@ -273,6 +285,8 @@ def create_albef_model(
     dtype=dtype,
     pad_id=pad_id,
     attention=model_config.attention,
+    dropout=text_cfg.dropout,
+    attention_dropout=text_cfg.attention_dropout,
   )
   return AlbefModel(
     visual=visual,

@@ -60,6 +60,12 @@ class BertLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
   attention: str = "auto"  # config.model.attention: "auto", "xla" or "cudnn".
+  # BERT's hidden_dropout_prob: on each sub-layer's output projection, before its
+  # adapter and residual LayerNorm (config.model.text.dropout).
+  dropout: float = 0.0
+  # BERT's attention_probs_dropout_prob, self- and cross-attention alike
+  # (config.model.text.attention_dropout).
+  attention_dropout: float = 0.0
 
   def _dense(self, features: int, name: str) -> layers.Dense:
     return layers.dense(features, name, self.tuning, self.dtype, kernel_init=_INIT)
@@ -83,14 +89,17 @@ class BertLayer(nn.Module):
       self._heads(x, "value", width),
       self.attention,
       padding_mask=mask,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=layers.attention_dropout_rng(self, self.attention_dropout),
     ).reshape(batch, length, width)
     h = self._dense(width, "attention_output")(attended)
+    h = layers.apply_dropout(self, h, self.dropout)
     h = layers.maybe_adapter(h, "adapter_attn", self.tuning, self.dtype)
     return self._ln("attention_ln")(h + x)
 
   def feed_forward(self, x: jax.Array) -> jax.Array:
     h = ACTIVATIONS[self.activation](self._dense(self.mlp_dim, "intermediate")(x))
-    h = self._dense(x.shape[-1], "output")(h)
+    h = layers.apply_dropout(self, self._dense(x.shape[-1], "output")(h), self.dropout)
     h = layers.maybe_adapter(h, "adapter_mlp", self.tuning, self.dtype)
     return self._ln("output_ln")(h + x)
 
@@ -101,7 +110,7 @@ class BertLayer(nn.Module):
 
 
 class BertEmbeddings(nn.Module):
-  """word + position + token-type embeddings, then LayerNorm."""
+  """word + position + token-type embeddings, then LayerNorm (and dropout)."""
 
   vocab_size: int
   max_positions: int
@@ -109,6 +118,7 @@ class BertEmbeddings(nn.Module):
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0  # BERT's hidden_dropout_prob, after the LayerNorm.
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_type_ids: jax.Array) -> jax.Array:
@@ -121,7 +131,8 @@ class BertEmbeddings(nn.Module):
       + embed(self.max_positions, "position_embeddings", positions)
       + embed(self.type_vocab_size, "token_type_embeddings", token_type_ids)
     )
-    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+    return layers.apply_dropout(self, x, self.dropout)
 
 
 class BertTextTower(nn.Module):

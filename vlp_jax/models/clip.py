@@ -111,6 +111,14 @@ def create_model(
   dtype = compute_dtype(model_config.dtype)
   remat_policy_name(model_config.remat)  # Fails here, naming the key, not inside jit.
   image_cfg, text_cfg = model_config.image, model_config.text
+  for tower in ("image", "text"):
+    for key in ("dropout", "attention_dropout"):
+      if model_config[tower][key]:
+        # Refused rather than ignored: the CLIP-style methods pass no dropout rng.
+        raise ValueError(
+          f"config.model.{tower}.{key}={model_config[tower][key]}: CLIP's towers train "
+          "without dropout (open_clip's default); ALBEF, CMask and VLC apply it"
+        )
   size = decode_variant(
     image_cfg.variant,
     width=image_cfg.width,

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.models import layers
 from vlp_jax.models.bert import BertLayer
 from vlp_jax.models.layers import NO_TUNING, Tuning, with_remat
 
@@ -56,8 +57,12 @@ class FusionLayer(BertLayer):
     scale = (width // self.num_heads) ** -0.5
     logits = jnp.einsum("bthd,bnhd->bhtn", q, k).astype(jnp.float32) * scale
     attention = jax.nn.softmax(logits, axis=-1)
-    context = jnp.einsum("bhtn,bnhd->bthd", attention.astype(self.dtype), v)
+    # Dropout (BERT's, as ALBEF's cross-attention) reaches the context, not the flow:
+    # the flow measures where the layer attends, without the training noise.
+    dropped = layers.apply_dropout(self, attention, self.attention_dropout)
+    context = jnp.einsum("bhtn,bnhd->bthd", dropped.astype(self.dtype), v)
     h = self._dense(width, "cross_output")(context.reshape(batch, length, width))
+    h = layers.apply_dropout(self, h, self.dropout)
     return self._ln("cross_ln")(h + x), information_flow(attention, v)
 
   @nn.compact

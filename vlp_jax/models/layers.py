@@ -7,6 +7,7 @@ mlp.c_fc, mlp.c_proj, resblocks_<i>) so checkpoints map one to one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -134,6 +135,23 @@ def maybe_adapter(x: jax.Array, name: str, tuning: Tuning, dtype: jnp.dtype) -> 
   return Adapter(tuning.adapter_reduction, dtype, name=name)(x)
 
 
+def apply_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of `x` at `rate` inside `module`, where the caller of `apply` passed a
+  "dropout" rng (training steps); the identity at rate 0 and without that rng (init,
+  evaluation, prediction), so every eval path is deterministic without a flag."""
+  if not rate or not module.has_rng("dropout"):
+    return x
+  return nn.Dropout(rate, deterministic=False)(x)
+
+
+def attention_dropout_rng(module: nn.Module, rate: float) -> jax.Array | None:
+  """The key for attention-probability dropout at `rate` in `module` (see `dropout`), or
+  None where there is none to do."""
+  if not rate or not module.has_rng("dropout"):
+    return None
+  return module.make_rng("dropout")
+
+
 # config.model.attention: "auto" takes cuDNN flash attention where it can run, XLA's
 # attention elsewhere; "cudnn" insists (and fails before compute where it cannot run).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -197,16 +215,29 @@ def attention_implementation(requested: str, backend: str, dtype: jnp.dtype, hea
 
 
 def check_attention(
-  requested: str, dtype: jnp.dtype, head_dims: Mapping[str, int], backend: str | None = None
+  requested: str,
+  dtype: jnp.dtype,
+  head_dims: Mapping[str, int],
+  backend: str | None = None,
+  attention_dropout: Mapping[str, float] | None = None,
 ) -> None:
   """Fails before compute if `config.model.attention` cannot serve every tower's heads
-  ({tower: head size}); model builders call it with their resolved compute dtype."""
+  ({tower: head size}); model builders call it with their resolved compute dtype.
+
+  `attention_dropout` ({tower: config.model.<tower>.attention_dropout}): jax's cuDNN
+  kernel takes no dropout, so an explicit "cudnn" with a rate above 0 is refused."""
   backend = backend or jax.default_backend()
   for tower, head_dim in head_dims.items():
     try:
       attention_implementation(requested, backend, dtype, head_dim)
     except ValueError as error:
       raise ValueError(f"{error} (the {tower} tower's heads)") from None
+  for tower, rate in (attention_dropout or {}).items():
+    if rate and requested == "cudnn":
+      raise ValueError(
+        f"config.model.attention='cudnn' with config.model.{tower}.attention_dropout={rate}: "
+        "jax's cuDNN attention has no dropout; use 'auto' (XLA wherever dropout runs)"
+      )
 
 
 def dot_product_attention(
@@ -217,6 +248,8 @@ def dot_product_attention(
   *,
   is_causal: bool = False,
   padding_mask: jax.Array | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention of q (B, T, N, H) over k, v (B, S, N, H), logits and softmax in
   float32, through jax.nn.dot_product_attention with `implementation` (a
@@ -225,12 +258,21 @@ def dot_product_attention(
   padding_mask (B, S) is true at the keys that may be attended to. XLA applies it as a
   mask; cuDNN takes it as key lengths (its fused kernel's padding form), which assumes
   the padding is trailing, as every tokenizer here pads.
+
+  With `dropout_rng` (`attention_dropout_rng`), the attention probabilities are dropped
+  at `dropout_rate` (BERT's attention_probs_dropout_prob): the heads-major path on every
+  backend, since neither of jax's kernels takes dropout.
   """
+  dropping = dropout_rng is not None and dropout_rate > 0
   chosen = attention_implementation(implementation, jax.default_backend(), q.dtype, q.shape[-1])
+  if dropping and implementation == "cudnn":
+    raise ValueError("config.model.attention='cudnn' cannot drop attention probabilities")
   # Keep the batch split over the batch axes and the heads whole: an FSDP-split in_proj
   # would otherwise hand its layout to the heads (12 do not split over 8 devices).
   q, k, v = (sharding.constrain_batch(t, tensor_dim=2) for t in (q, k, v))
-  if chosen == "cudnn":
+  if dropping:
+    out = _heads_major_attention(q, k, v, is_causal, padding_mask, dropout_rate, dropout_rng)
+  elif chosen == "cudnn":
     lengths = None
     if padding_mask is not None:
       lengths = jnp.sum(padding_mask, axis=-1, dtype=jnp.int32)
@@ -246,7 +288,13 @@ def dot_product_attention(
 
 
 def _heads_major_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, padding_mask: jax.Array | None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  is_causal: bool,
+  padding_mask: jax.Array | None,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
   """jax.nn.dot_product_attention's XLA math with the heads moved ahead of the tokens
   (B, N, T, H) first: XLA's CPU dots then run on contiguous per-head matrices, ~1.3x
@@ -258,7 +306,10 @@ def _heads_major_attention(
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
     allowed = causal if allowed is None else allowed & causal
-  return jnp.swapaxes(_softmax_attention(q, k, v, allowed), 1, 2)
+  if dropout_rng is None or not dropout_rate:
+    return jnp.swapaxes(_softmax_attention(q, k, v, allowed), 1, 2)
+  out = _dropout_softmax_attention(dropout_rate, q, k, v, allowed, dropout_rng)
+  return jnp.swapaxes(out, 1, 2)
 
 
 def _attention_weights(q: jax.Array, k: jax.Array, allowed: jax.Array | None) -> jax.Array:
@@ -310,6 +361,53 @@ def _softmax_attention_bwd(
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
+# The same with the probabilities dropped (inverted dropout). The backward pass draws the
+# mask again from the key instead of keeping it: the residuals stay q, k, v, weights, out.
+# The softmax backward's row sum is still sum(out * d_out), `out` being the dropped
+# attention's output: sum_j w_j d(dropped_j)/d(w_j) g_j = sum_j dropped_j (d_out . v_j).
+def _kept(rate: float, key: jax.Array, weights: jax.Array) -> jax.Array:
+  return jax.random.bernoulli(key, 1.0 - rate, weights.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dropout_softmax_attention(
+  rate: float, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, key: jax.Array
+) -> jax.Array:
+  return _dropout_softmax_attention_fwd(rate, q, k, v, allowed, key)[0]
+
+
+def _dropout_softmax_attention_fwd(
+  rate: float, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, key: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  weights = _attention_weights(q, k, allowed)
+  dropped = jnp.where(_kept(rate, key, weights), weights / (1.0 - rate), 0.0)
+  out = jnp.matmul(dropped.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out.astype(v.dtype)
+  return out, (q, k, v, weights, out, key)
+
+
+def _dropout_softmax_attention_bwd(
+  rate: float, residuals: tuple[jax.Array, ...], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None, None]:
+  q, k, v, weights, out, key = residuals
+  f32 = jnp.float32
+  kept = _kept(rate, key, weights)
+  dropped = jnp.where(kept, weights / (1.0 - rate), 0.0)
+  d_v = jnp.matmul(
+    jnp.swapaxes(dropped, -1, -2).astype(d_out.dtype), d_out, preferred_element_type=f32
+  )
+  d_dropped = jnp.matmul(d_out, jnp.swapaxes(v, -1, -2), preferred_element_type=f32)
+  d_weights = jnp.where(kept, d_dropped / (1.0 - rate), 0.0)
+  row_dot = jnp.sum(out.astype(f32) * d_out.astype(f32), axis=-1, keepdims=True)
+  d_logits = (weights * (d_weights - row_dot) * q.shape[-1] ** -0.5).astype(q.dtype)
+  d_q = jnp.matmul(d_logits, k, preferred_element_type=f32)
+  d_k = jnp.matmul(jnp.swapaxes(d_logits, -1, -2), q, preferred_element_type=f32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
+
+
+_dropout_softmax_attention.defvjp(_dropout_softmax_attention_fwd, _dropout_softmax_attention_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (open_clip's in_proj)."""
 
@@ -319,6 +417,8 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
   attention: str = "auto"  # config.model.attention: "auto", "xla" or "cudnn".
+  dropout: float = 0.0  # After the output projection (timm's proj_drop).
+  attention_dropout: float = 0.0  # On the attention probabilities (timm's attn_drop).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -337,11 +437,20 @@ class Attention(nn.Module):
     # Batch-split from the projection on: the FSDP-split in_proj is gathered instead.
     qkv = sharding.constrain_batch(qkv, tensor_dim=2)
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
-    out = dot_product_attention(q, k, v, self.attention, is_causal=self.causal)
+    out = dot_product_attention(
+      q,
+      k,
+      v,
+      self.attention,
+      is_causal=self.causal,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=attention_dropout_rng(self, self.attention_dropout),
+    )
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
-    return dense(
+    out = dense(
       width, "out_proj", self.tuning, self.dtype, kernel_init=nn.initializers.normal(out_std)
     )(out.reshape(batch, length, width))
+    return apply_dropout(self, out, self.dropout)
 
 
 class Mlp(nn.Module):
@@ -350,6 +459,7 @@ class Mlp(nn.Module):
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING
+  dropout: float = 0.0  # After the activation and after c_proj (timm's Mlp drop).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -361,11 +471,12 @@ class Mlp(nn.Module):
       self.dtype,
       kernel_init=nn.initializers.normal((2 * width) ** -0.5),
     )(x)
-    h = ACTIVATIONS[self.activation](h)
+    h = apply_dropout(self, ACTIVATIONS[self.activation](h), self.dropout)
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
-    return dense(
+    h = dense(
       width, "c_proj", self.tuning, self.dtype, kernel_init=nn.initializers.normal(out_std)
     )(h)
+    return apply_dropout(self, h, self.dropout)
 
 
 class ResidualBlock(nn.Module):
@@ -383,6 +494,8 @@ class ResidualBlock(nn.Module):
   tuning: Tuning = NO_TUNING
   layer_norm_eps: float = LAYER_NORM_EPS  # timm's ViTs: 1e-6.
   attention: str = "auto"  # config.model.attention.
+  dropout: float = 0.0  # timm's drop_rate: attention output and MLP (config.model.<tower>).
+  attention_dropout: float = 0.0  # timm's attn_drop_rate: attention probabilities.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -394,11 +507,19 @@ class ResidualBlock(nn.Module):
       self.dtype,
       self.tuning,
       attention=self.attention,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
       name="attn",
     )(layer_norm("ln_1", self.dtype, self.layer_norm_eps)(x))
     x = maybe_adapter(x, "adapter_mlp", self.tuning, self.dtype)
     x = x + Mlp(
-      self.mlp_dim, self.activation, self.out_init_std, self.dtype, self.tuning, name="mlp"
+      self.mlp_dim,
+      self.activation,
+      self.out_init_std,
+      self.dtype,
+      self.tuning,
+      dropout=self.dropout,
+      name="mlp",
     )(layer_norm("ln_2", self.dtype, self.layer_norm_eps)(x))
     return x
 
@@ -470,6 +591,8 @@ class Transformer(nn.Module):
   layer_norm_eps: float = LAYER_NORM_EPS
   scan_layers: bool = False  # config.model.scan_layers
   attention: str = "auto"  # config.model.attention.
+  dropout: float = 0.0  # ResidualBlock.dropout.
+  attention_dropout: float = 0.0  # ResidualBlock.attention_dropout.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -486,6 +609,8 @@ class Transformer(nn.Module):
       tuning=self.tuning,
       layer_norm_eps=self.layer_norm_eps,
       attention=self.attention,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
     )
     if self.scan_layers:
       block = with_remat(ResidualBlock, self.remat, prevent_cse=False)(
@@ -494,7 +619,7 @@ class Transformer(nn.Module):
       scan = nn.scan(
         lambda module, carry, _: (module(carry), None),
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # Each block its own masks.
         length=self.depth,
       )
       return scan(block, x, None)[0]

@@ -66,6 +66,8 @@ class MaskedAttention(nn.Module):
   num_heads: int
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0  # layers.Attention's.
+  attention_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -83,11 +85,20 @@ class MaskedAttention(nn.Module):
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
     # Not cuDNN: its key lengths assume trailing padding, and the text's padding sits
     # between the text and the image tokens.
-    out = layers.dot_product_attention(q, k, v, "xla", padding_mask=mask)
+    out = layers.dot_product_attention(
+      q,
+      k,
+      v,
+      "xla",
+      padding_mask=mask,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=layers.attention_dropout_rng(self, self.attention_dropout),
+    )
     out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
-    return layers.dense(
+    out = layers.dense(
       width, "out_proj", layers.NO_TUNING, self.dtype, kernel_init=nn.initializers.normal(out_std)
     )(out.reshape(batch, length, width))
+    return layers.apply_dropout(self, out, self.dropout)
 
 
 class MaskedBlock(nn.Module):
@@ -99,16 +110,24 @@ class MaskedBlock(nn.Module):
   out_init_std: float | None = None
   dtype: jnp.dtype = jnp.float32
   layer_norm_eps: float = 1e-6
+  dropout: float = 0.0  # timm's drop_rate (VLC's blocks: 0).
+  attention_dropout: float = 0.0  # timm's attn_drop_rate (VLC's blocks: 0).
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     ln = lambda name: layers.layer_norm(name, self.dtype, self.layer_norm_eps)  # noqa: E731
-    x = x + MaskedAttention(self.num_heads, self.out_init_std, self.dtype, name="attn")(
-      ln("ln_1")(x), mask
+    x = x + MaskedAttention(
+      self.num_heads,
+      self.out_init_std,
+      self.dtype,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      name="attn",
+    )(ln("ln_1")(x), mask)
+    mlp = layers.Mlp(
+      self.mlp_dim, self.activation, self.out_init_std, self.dtype, dropout=self.dropout, name="mlp"
     )
-    return x + layers.Mlp(self.mlp_dim, self.activation, self.out_init_std, self.dtype, name="mlp")(
-      ln("ln_2")(x)
-    )
+    return x + mlp(ln("ln_2")(x))
 
 
 class MaskedTransformer(nn.Module):
@@ -121,6 +140,8 @@ class MaskedTransformer(nn.Module):
   remat: bool | str = "none"
   dtype: jnp.dtype = jnp.float32
   layer_norm_eps: float = 1e-6
+  dropout: float = 0.0  # MaskedBlock's.
+  attention_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -134,19 +155,24 @@ class MaskedTransformer(nn.Module):
         out_std,
         self.dtype,
         self.layer_norm_eps,
+        dropout=self.dropout,
+        attention_dropout=self.attention_dropout,
         name=f"resblocks_{i}",
       )(x, mask)
     return x
 
 
 class TextEmbedding(nn.Module):
-  """BERT's embedding layer without its own token types: LN(word + learned position)."""
+  """BERT's embedding layer without its own token types: LN(word + learned position),
+  then dropout (VLC's drop_rate 0.1 reaches only here: vlc/modules/vlc_module.py builds
+  BertEmbeddings with it and its ViT blocks without)."""
 
   vocab_size: int
   max_positions: int
   width: int
   layer_norm_eps: float = 1e-12
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0  # config.model.text.dropout.
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -157,9 +183,8 @@ class TextEmbedding(nn.Module):
     words = nn.Embed(self.vocab_size, self.width, embedding_init=_BERT_INIT, name="token_embedding")
     positions = self.param("positional_embedding", _BERT_INIT, (self.max_positions, self.width))
     x = words(tokens) + positions[None, : tokens.shape[1]]
-    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="ln")(
-      x.astype(self.dtype)
-    )
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="ln")(x.astype(self.dtype))
+    return layers.apply_dropout(self, x, self.dropout)
 
 
 class SingleStreamEncoder(nn.Module):
@@ -182,6 +207,12 @@ class SingleStreamEncoder(nn.Module):
   layer_norm_eps: float = 1e-6  # timm / MAE.
   text_layer_norm_eps: float = 1e-12  # BERT's embedding LayerNorm.
   patch_bias: bool = True  # timm / MAE.
+  # Dropout where apply gets a "dropout" rng (layers.apply_dropout): on the text
+  # embeddings (config.model.text.dropout; VLC: 0.1) and in the blocks
+  # (config.model.image.dropout / attention_dropout; VLC: 0).
+  text_dropout: float = 0.0
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
 
   @property
   def grid(self) -> int:
@@ -212,6 +243,7 @@ class SingleStreamEncoder(nn.Module):
       size.width,
       self.text_layer_norm_eps,
       self.dtype,
+      dropout=self.text_dropout,
       name="text_embed",
     )(tokens)
     text = text + types[TEXT_TYPE].astype(self.dtype)
@@ -247,6 +279,8 @@ class SingleStreamEncoder(nn.Module):
       self.remat,
       self.dtype,
       self.layer_norm_eps,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
       name="transformer",
     )(jnp.concatenate([text, image], axis=1), mask)
     x = layers.layer_norm("ln_post", self.dtype, self.layer_norm_eps)(x)

@@ -9,7 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import LAYER_NORM_EPS, NO_TUNING, Transformer, Tuning, layer_norm
+from vlp_jax.models.layers import (
+  LAYER_NORM_EPS,
+  NO_TUNING,
+  Transformer,
+  Tuning,
+  apply_dropout,
+  layer_norm,
+)
 
 # name -> (width, depth, mlp_dim, num_heads). "mu" is our own demo size.
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -95,6 +102,11 @@ class VisionTransformer(nn.Module):
   # One nn.scan over stacked blocks (config.model.scan_layers; layers.Transformer).
   scan_layers: bool = False
   attention: str = "auto"  # config.model.attention (layers.dot_product_attention).
+  # timm's drop_rate (after the position embeddings, attention output and MLP) and
+  # attn_drop_rate (attention probabilities): config.model.image.dropout /
+  # attention_dropout. Runs only where apply gets a "dropout" rng (layers.apply_dropout).
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
 
   @property
   def num_patches(self) -> int:
@@ -132,6 +144,7 @@ class VisionTransformer(nn.Module):
       x = jnp.take_along_axis(x, keep_indices[..., None], axis=1)
     cls = (class_embedding + positional_embedding[0]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, size.width)), x], axis=1)
+    x = apply_dropout(self, x, self.dropout)
     if self.pre_norm:
       x = layer_norm("ln_pre", self.dtype, self.layer_norm_eps)(x)
     x = Transformer(
@@ -146,6 +159,8 @@ class VisionTransformer(nn.Module):
       layer_norm_eps=self.layer_norm_eps,
       scan_layers=self.scan_layers,
       attention=self.attention,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
       name="transformer",
     )(x)
     ln_post = layer_norm("ln_post", self.dtype, self.layer_norm_eps)
