@@ -204,8 +204,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.vlc.mlm_weight = 1.0  # Loss weights (VLC: all 1).
   config.vlc.mae_weight = 1.0  # 0 also skips the decoder.
   config.vlc.itm_weight = 1.0
-  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight.
-  config.vlc.wpa = False
+  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight: on
+  # at 0.1, as VLC's pretraining (compute_itm_wpa adds 0.1 x the OT loss to every step).
+  config.vlc.wpa = True
   config.vlc.wpa_weight = 0.1
   # MAE decoder on the fused image tokens (MAE's ViT-B: 512 wide, 8 blocks, 16 heads).
   config.vlc.decoder_width = 512
@@ -237,14 +238,17 @@ def base_config() -> ml_collections.ConfigDict:
   # The new heads' (VQA, NLVR2, classifier) lr multiplier. VLC's layer-wise groups give
   # them 1 (its lr_mult=10 only reaches its pretraining-style groups, as ViLT's do).
   config.finetune.head_lr_multiplier = 1.0
-  # Random-resized-crop area range of training images; None: the whole image (VQA /
-  # NLVR2: a crop could cut away what is asked about). Flips: classify only.
+  # Random-resized-crop area range of training images; None: the whole image (the demos:
+  # a crop could cut away what is asked about; configs/vlc_*.py: VLC's (0.9, 1.0)).
+  # Flips: classify only.
   config.finetune.crop_scale = ml_collections.FieldReference(None, field_type=tuple)
   config.finetune.flip = False
   # Retrieval: other rows' captions each image is ranked against besides its own (VLC:
-  # 15 drawn captions) and the ITM loss weight beside the rank loss (VLC: 0.5, ITM head frozen).
+  # 15 drawn captions) and the ITM loss weight beside the rank loss, ITM head frozen. 0, as
+  # VLC and ViLT train: their configs list "itm": 0.5, but set_task keeps only the losses
+  # of weight >= 1, so the rank head trains alone.
   config.finetune.num_negatives = 15
-  config.finetune.itm_weight = 0.5
+  config.finetune.itm_weight = 0.0
   # Retrieval evaluation (itm_retrieval): the dual encoder whose shortlist_k nearest
   # candidates per query the rank head re-ranks, a CLIP run's workdir or a converted CLIP
   # directory (python -m vlp_jax.weights.convert); a true match outside the shortlist is

@@ -9,8 +9,9 @@ One step, as the reference code does it:
    normalised pixels over the dropped patches only (MAE's norm_pix_loss).
 2. ITM pass (a second pass, as VLC and ViLT: its text is not masked): half the rows keep
    their image, the other half get another row's image, masked with a fresh draw; a
-   2-way head on the pooled state. Optionally word-patch alignment on the same pass
-   (ViLT's inexact optimal transport between text and patch states, weight 0.1).
+   2-way head on the pooled state. Word-patch alignment on the same pass (ViLT's inexact
+   optimal transport between text and patch states, weight 0.1): on, as in VLC's
+   pretraining, unless config.vlc.wpa is False.
 Both passes run as one encoder call over 2B rows (one program, bigger matmuls).
 Loss weights come from config.vlc. Predictions for evaluation: "match_image" and
 "match_score" (ITM re-ranking, the names ALBEF uses); a single-stream model has no
@@ -240,7 +241,7 @@ class Vlc(Method):
   mlm_weight: float = 1.0
   mae_weight: float = 1.0
   itm_weight: float = 1.0
-  wpa: bool = False
+  wpa: bool = True
   wpa_weight: float = 0.1
   init_specs: tuple[pretrained.InitSpec, ...] = ()
   report_name: str = "vlp_jax-VLC"

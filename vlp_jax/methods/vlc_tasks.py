@@ -10,8 +10,9 @@
 - retrieval: a rank head Dense(1) initialised from the ITM head's "matched" row; each
   image is scored against its caption and `num_negatives` captions of other rows of the
   batch, cross-entropy towards its own (VLC's irtr, whose negatives are drawn from the
-  dataset), plus `itm_weight` x the ITM loss (random-image negatives) with the ITM head
-  frozen, as VLC's irtr recipe.
+  dataset); the ITM head stays frozen. `itm_weight` > 0 adds that x the ITM loss
+  (random-image negatives): VLC's config lists 0.5, but its set_task drops every loss
+  weighted under 1, so the reference trains the rank loss alone (itm_weight 0).
 - classify: the image alone (no text tokens); the mean of the patch states -> LayerNorm
   -> Dense(classes) (MAE's fine-tuning head with global pooling, which VLC's ImageNet
   fine-tune uses); cross-entropy with label smoothing.
@@ -339,7 +340,7 @@ class VlcTask(Method):
   crop_scale: tuple[float, float] | None = None
   flip: bool = False
   num_negatives: int = 15
-  itm_weight: float = 0.5
+  itm_weight: float = 0.0
   label_smoothing: float = 0.1
   max_skipped_fraction: float = 0.01  # config.data's: unreadable training images allowed.
   report_name: str = "vlp_jax-VLC"
