@@ -29,7 +29,7 @@ from PIL import Image
 from configs import common, demo_vqa
 from vlp_jax import config_lib, eval_runner, experiment, sharding, trainer
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.evaluation import finetune, vqa
+from vlp_jax.evaluation import finetune, readers, vqa
 from vlp_jax.evaluation.embedding import DataError, ImageRef
 from vlp_jax.input_pipeline import image_files, task_data
 from vlp_jax.input_pipeline.task_data import TaskDataError
@@ -249,6 +249,8 @@ def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path):
   jsonl.write_bytes(good.encode() + b"\n" + good.encode().replace(b"one", b"\xff\xfe") + b"\n")
   with pytest.raises(TaskDataError, match=rf"{jsonl}:2: byte b'\\xff' at column \d+"):
     task_data.read_nlvr2(str(jsonl), str(tmp_path))
+  with pytest.raises(DataError, match=rf"{jsonl}:2: byte b'\\xff'"):
+    readers.read_json(str(jsonl))  # The other evaluation readers' files alike.
 
 
 def test_an_empty_nlvr2_file_and_repeated_identifiers_are_refused_naming_the_file(tmp_path):

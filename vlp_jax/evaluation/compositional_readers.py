@@ -32,7 +32,7 @@ from absl import logging
 
 from vlp_jax.evaluation.compositional import PAD, Interner, MatchingSet
 from vlp_jax.evaluation.embedding import DataError, ImageRef
-from vlp_jax.evaluation.readers import IMAGE_EXTENSIONS, read_json, require
+from vlp_jax.evaluation.readers import IMAGE_EXTENSIONS, read_json, read_text, require
 
 SUGARCREPE_SUBSETS = (
   "add_obj",
@@ -178,11 +178,7 @@ def read_winoground(path: str, image_root: str) -> MatchingSet:
   image_root = _existing(image_root or os.path.join(os.path.dirname(path), "images"))
   interner = Interner()
   item_images, item_texts, tags = [], [], []
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError as e:
-    raise DataError(f"{path} does not exist") from e
+  lines = read_text(path).splitlines()
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue

@@ -29,7 +29,7 @@ from absl import logging
 from PIL import Image
 
 from vlp_jax.evaluation.embedding import DataError, ImageRef, ImageSource, RecordImage
-from vlp_jax.input_pipeline import image_files, pipeline, records
+from vlp_jax.input_pipeline import image_files, pipeline, records, task_data
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # what CLIP_benchmark's wds reader takes
@@ -62,23 +62,25 @@ def parse_specs(text: str, flag: str, known: Sequence[str]) -> list[DatasetSpec]
   return specs
 
 
+def read_text(path: str) -> str:
+  """A UTF-8 file's text; DataError naming the file (and the line of a byte that is not
+  UTF-8, task_data.read_text's message)."""
+  try:
+    return task_data.read_text(path)
+  except task_data.TaskDataError as e:
+    raise DataError(str(e)) from e
+
+
 def read_json(path: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError as e:
-    raise DataError(f"{path} does not exist") from e
+    return json.loads(read_text(path))
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def read_lines(path: str) -> list[str]:
   """Non-empty stripped lines; an empty line in the middle is an error naming it."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = [line.strip() for line in f.read().splitlines()]
-  except FileNotFoundError as e:
-    raise DataError(f"{path} does not exist") from e
+  lines = [line.strip() for line in read_text(path).splitlines()]
   while lines and not lines[-1]:
     lines.pop()
   for number, line in enumerate(lines, 1):
@@ -181,11 +183,7 @@ def read_caption_json(
 def read_flickr_txt(path: str, image_root: str, name: str = "") -> RetrievalSet:
   """CLIP_benchmark's flickr30k_<split>_karpathy.txt: a header, then `<image>.jpg,<caption>`."""
   by_image: dict[str, list[str]] = {}
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError as e:
-    raise DataError(f"{path} does not exist") from e
+  lines = read_text(path).splitlines()
   for number, line in enumerate(lines[1:], 2):
     if not line.strip():
       continue
