@@ -304,7 +304,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.flip = True  # Random horizontal flips.
   config.data.num_workers = 2  # grain worker processes (0: decode in the trainer process).
   config.data.read_threads = 4  # Threads per process reading and decoding records.
-  config.data.max_skipped_fraction = 0.01  # Fail when more corrupt records than this.
+  # Fail when more corrupt records than this. Fine-tuning (vqa / nlvr2) first looks at its
+  # task images and fails before training; <workdir>/unreadable_images.txt lists them all.
+  config.data.max_skipped_fraction = 0.01
   config.data.builtin = ml_collections.ConfigDict()
   config.data.builtin.num_train = 10_000  # Generated training pairs.
   config.data.builtin.num_heldout = 1_000  # Generated held-out pairs (unseen combinations).

@@ -464,14 +464,14 @@ def check_image(path: str) -> None:
   """Raises ImageFileError or pipeline.ImageError when `path` is not an image by a cheap
   look: image_files' checks and a header that parses (a corrupt body shows only when the
   image is decoded)."""
-  size = 1 << 16
+  size = 1 << 14  # Holds a JPEG's tables up to its scan but for large EXIF / ICC blocks.
   header = image_files.read_image_header(path, size)
   try:
     pipeline.image_dimensions(header)
   except pipeline.ImageError:
     if len(header) < size:
       raise  # The whole file was read.
-    pipeline.image_dimensions(image_files.read_image_file(path))  # A header past 64 KiB.
+    pipeline.image_dimensions(image_files.read_image_file(path))  # A header past 16 KiB.
 
 
 def _problem(path: str) -> str:
