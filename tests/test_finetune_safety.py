@@ -30,7 +30,7 @@ from configs import common, demo_vqa
 from vlp_jax import config_lib, eval_runner, experiment, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import finetune, readers, vqa
-from vlp_jax.evaluation.embedding import DataError, ImageRef
+from vlp_jax.evaluation.embedding import DataError, Embedder, ImageRef
 from vlp_jax.input_pipeline import image_files, task_data
 from vlp_jax.input_pipeline.task_data import TaskDataError
 from vlp_jax.methods import DataContext, MethodContext, vlc_tasks
@@ -214,6 +214,42 @@ def test_the_fine_tuning_method_screens_its_data_and_lists_every_bad_file(tmp_pa
     method.train_data(DataContext(str(workdir), None, None, (), TOKENS, 8))
   listed = (workdir / image_files.SKIP_LIST_FILE).read_text().splitlines()
   assert [line.split("\t")[0] for line in listed] == [image_path(files, 3), image_path(files, 11)]
+
+
+class ZeroTokenizer:
+  context_length = 12
+
+  def __call__(self, texts):
+    return np.zeros((len(texts), self.context_length), np.int32)
+
+
+def test_evaluation_lists_the_images_it_could_not_read_beside_the_results(tmp_path):
+  files = write_vqa(tmp_path)
+  os.remove(image_path(files, 4))
+  with open(image_path(files, 7), "r+b") as f:
+    f.truncate(100)
+  examples = task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+  answers = vqa.build_answer_vocab(examples, 1)
+  task = finetune.VqaTask(
+    "val",
+    examples,
+    answers,
+    lambda params, images, tokens: jax.numpy.zeros((images.shape[0], len(answers))),
+  )
+  embedder = Embedder(
+    {},
+    sharding.create_mesh({"data": -1}),
+    ZeroTokenizer(),
+    batch_size=16,
+    image_size=32,
+    read_threads=2,
+  )
+  (result,) = task.evaluate(embedder, {})
+  assert result.metrics["num_unreadable"] == 4  # Two images, two questions each.
+  result.files[image_files.SKIP_LIST_FILE](str(tmp_path / "listed.txt"))
+  listed = dict(line.split("\t") for line in read(tmp_path / "listed.txt").splitlines())
+  assert list(listed) == [image_path(files, 4), image_path(files, 7)]
+  assert "missing_image" in listed[image_path(files, 4)]
 
 
 # ---------------------------------------------------------------- errors name file and line

@@ -53,7 +53,7 @@ from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation.embedding import DataError, Embedder
 from vlp_jax.evaluation.retrieval import retrieval_metrics
 from vlp_jax.evaluation.tasks import Result, Task
-from vlp_jax.input_pipeline import builtin_tasks, task_data, tokenizers
+from vlp_jax.input_pipeline import builtin_tasks, image_files, pipeline, task_data, tokenizers
 from vlp_jax.models import clip
 
 BUILTIN = "builtin"  # A dataset spec naming the generated set.
@@ -323,6 +323,37 @@ def load_dual_encoder(path: str, key: str = SHORTLIST_KEY) -> DualEncoder:
 # ----------------------------------------------------------------------------- running
 
 
+def _unreadable_files(
+  dataset: str, paths: Sequence[str], rows: int, of: int
+) -> dict[str, Callable[[str], None]]:
+  """{image_files.SKIP_LIST_FILE: writer} listing which of `paths` (the images of `rows`
+  of `of` rows scored as wrong) cannot be read, "<path>\t<why>" lines; {} if none."""
+  if not rows:
+    return {}
+  lines = []
+  for path in dict.fromkeys(paths):  # Read again, as the dataset did, to say why.
+    try:
+      task_data.load_image(path, 8)
+    except (OSError, pipeline.ImageError) as e:
+      lines.append(f"{path}\t{str(e).replace(chr(10), ' ')}\n")
+  logging.warning(
+    "%s: %d of %d rows have an unreadable image and count as wrong; %s beside the results "
+    "lists the %d files",
+    dataset,
+    rows,
+    of,
+    image_files.SKIP_LIST_FILE,
+    len(lines),
+  )
+
+  def write(path: str) -> None:
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    os.replace(f"{path}.tmp", path)
+
+  return {image_files.SKIP_LIST_FILE: write}
+
+
 def _write_json(value: Any) -> Callable[[str], None]:
   def write(path: str) -> None:
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
@@ -432,6 +463,8 @@ class VqaTask(Task):
       "num_unreadable": float(unreadable.sum()),
     }
     files = {"vqa_results.json": _write_json(_results_list(predictions))}
+    bad = [self.examples[i].image for i in np.flatnonzero(unreadable)]
+    files.update(_unreadable_files(self.dataset, bad, len(bad), len(self.examples)))
     scored = [e.question_id for e in self.examples if e.answers]
     headline = ["num_questions"]
     if scored:
@@ -521,6 +554,9 @@ class Nlvr2Task(Task):
       "nlvr2_accuracy.json": _write_json(official),
       "nlvr2_predictions.csv": write_predictions,
     }
+    pairs = [self.examples[i] for i in np.flatnonzero(unreadable)]
+    bad = [p for e in pairs for p in (e.left, e.right)]
+    files.update(_unreadable_files(self.dataset, bad, len(pairs), len(self.examples)))
     headline = ["accuracy", "consistency", "num_examples"]
     return [Result(self.name, self.dataset, metrics, headline, files=files)]
 
