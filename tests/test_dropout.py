@@ -1,7 +1,8 @@
 """Dropout (issue 32): the recipes' rates against the reference code bases, dropout only
 in training steps (evaluation deterministic and undropped), a different draw for each
-training rng, rate 0 exactly the undropped model, attention-probability dropout's own
-backward pass, and the refusals of keys a model cannot honour."""
+training rng, rate 0 exactly the undropped model (no random draw in its program),
+remat redrawing the same masks, dropped attention against the explicit math, and the
+refusals of keys a model cannot honour."""
 
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def test_inverted_dropout_zeroes_its_share_and_keeps_the_mean():
   assert abs(float(jnp.mean(out)) - 1.0) < 0.02
 
 
-def test_attention_dropout_backward_equals_autodiff_of_the_explicit_math():
+def test_dropped_attention_equals_the_explicit_math_forward_and_backward():
   rng = np.random.default_rng(0)
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(4))
   padding = jnp.asarray(rng.random((2, 5)) < 0.7).at[:, 0].set(True)

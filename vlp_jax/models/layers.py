@@ -7,7 +7,6 @@ mlp.c_fc, mlp.c_proj, resblocks_<i>) so checkpoints map one to one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -361,51 +360,17 @@ def _softmax_attention_bwd(
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-# The same with the probabilities dropped (inverted dropout). The backward pass draws the
-# mask again from the key instead of keeping it: the residuals stay q, k, v, weights, out.
-# The softmax backward's row sum is still sum(out * d_out), `out` being the dropped
-# attention's output: sum_j w_j d(dropped_j)/d(w_j) g_j = sum_j dropped_j (d_out . v_j).
-def _kept(rate: float, key: jax.Array, weights: jax.Array) -> jax.Array:
-  return jax.random.bernoulli(key, 1.0 - rate, weights.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dropout_softmax_attention(
   rate: float, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, key: jax.Array
 ) -> jax.Array:
-  return _dropout_softmax_attention_fwd(rate, q, k, v, allowed, key)[0]
-
-
-def _dropout_softmax_attention_fwd(
-  rate: float, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, key: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The attention above with its probabilities dropped (inverted dropout), by autodiff:
+  a custom VJP that redraws the mask in the backward pass measured more memory, not less
+  (XLA's peak for 8 BERT layers at batch 32 x 64 tokens: 536 MiB against 520 MiB)."""
   weights = _attention_weights(q, k, allowed)
-  dropped = jnp.where(_kept(rate, key, weights), weights / (1.0 - rate), 0.0)
-  out = jnp.matmul(dropped.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out.astype(v.dtype)
-  return out, (q, k, v, weights, out, key)
-
-
-def _dropout_softmax_attention_bwd(
-  rate: float, residuals: tuple[jax.Array, ...], d_out: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, None, None]:
-  q, k, v, weights, out, key = residuals
-  f32 = jnp.float32
-  kept = _kept(rate, key, weights)
+  kept = jax.random.bernoulli(key, 1.0 - rate, weights.shape)
   dropped = jnp.where(kept, weights / (1.0 - rate), 0.0)
-  d_v = jnp.matmul(
-    jnp.swapaxes(dropped, -1, -2).astype(d_out.dtype), d_out, preferred_element_type=f32
-  )
-  d_dropped = jnp.matmul(d_out, jnp.swapaxes(v, -1, -2), preferred_element_type=f32)
-  d_weights = jnp.where(kept, d_dropped / (1.0 - rate), 0.0)
-  row_dot = jnp.sum(out.astype(f32) * d_out.astype(f32), axis=-1, keepdims=True)
-  d_logits = (weights * (d_weights - row_dot) * q.shape[-1] ** -0.5).astype(q.dtype)
-  d_q = jnp.matmul(d_logits, k, preferred_element_type=f32)
-  d_k = jnp.matmul(jnp.swapaxes(d_logits, -1, -2), q, preferred_element_type=f32)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
-
-
-_dropout_softmax_attention.defvjp(_dropout_softmax_attention_fwd, _dropout_softmax_attention_bwd)
+  out = jnp.matmul(dropped.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype)
 
 
 class Attention(nn.Module):
