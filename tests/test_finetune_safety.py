@@ -252,6 +252,25 @@ def test_evaluation_lists_the_images_it_could_not_read_beside_the_results(tmp_pa
   assert "missing_image" in listed[image_path(files, 4)]
 
 
+def test_classification_fine_tuning_screens_its_image_files_before_training(tmp_path):
+  for split, count in (("train", 6), ("val", 2)):
+    for c, colour in enumerate(COLOURS.values()):
+      folder = tmp_path / split / f"class{c}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        write_jpeg(folder / f"{i}.jpg", colour, i)
+  fifo, zero = tmp_path / "train" / "class0" / "fifo.jpg", tmp_path / "train" / "class1" / "z.jpg"
+  os.mkfifo(fifo)
+  os.symlink("/dev/zero", zero)
+  config = tiny_vlc("vlc_classify", train=str(tmp_path))
+  method = vlc_tasks.create(MethodContext(config, single_device(), TOKENS, 5), "classify")
+  ctx = DataContext(str(tmp_path), None, None, (), TOKENS, 8)
+  with fails_after(60), pytest.raises(TaskDataError, match=r"2 of 20 training examples"):
+    method.train_data(ctx)
+  listed = read(tmp_path / image_files.SKIP_LIST_FILE)
+  assert str(fifo) in listed and str(zero) in listed and "image_not_a_regular_file" in listed
+
+
 # ---------------------------------------------------------------- errors name file and line
 
 

@@ -46,7 +46,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import grain
@@ -474,19 +474,21 @@ def check_image(path: str) -> None:
     pipeline.image_dimensions(image_files.read_image_file(path))  # A header past 16 KiB.
 
 
-def _problem(path: str) -> str:
+def _problem(path: str, check: Callable[[str], Any] = check_image) -> str:
   try:
-    check_image(path)
+    check(path)
   except (OSError, pipeline.ImageError) as e:
     return str(e).replace("\n", " ")
   return ""
 
 
-def screen_images(paths: Sequence[str], read_threads: int = 4) -> dict[str, str]:
-  """{path: why} of the distinct `paths` that fail `check_image`, in first-use order."""
+def screen_images(
+  paths: Sequence[str], read_threads: int = 4, check: Callable[[str], Any] = check_image
+) -> dict[str, str]:
+  """{path: why} of the distinct `paths` that fail `check`, in first-use order."""
   distinct = list(dict.fromkeys(paths))
   with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:
-    problems = list(pool.map(_problem, distinct))
+    problems = list(pool.map(functools.partial(_problem, check=check), distinct))
   return {path: why for path, why in zip(distinct, problems) if why}
 
 
@@ -515,20 +517,23 @@ def drop_unreadable(
   max_skipped_fraction: float,
   skip_list: str = "",
   read_threads: int = 4,
+  images_of: Callable[[Any], Sequence[str]] = example_images,
+  check: Callable[[str], Any] = check_image,
 ) -> list[Any]:
-  """The training examples (VQA or NLVR2) whose images pass `check_image`: a first pass
-  over the task data, so that unreadable files stop a run before it trains, not after.
+  """The training examples (VQA or NLVR2; others with `images_of`) whose images pass
+  `check` (default `check_image`): a first pass over the task data, so that unreadable
+  files stop a run before it trains, not after.
 
   Every unreadable file goes to `skip_list` (when given), all of them; a TaskDataError
   when more than `max_skipped_fraction` (config.data.max_skipped_fraction) of the
   examples would be left out, else a warning and the rest.
   """
-  problems = screen_images([p for e in examples for p in example_images(e)], read_threads)
+  problems = screen_images([p for e in examples for p in images_of(e)], read_threads, check)
   if skip_list:
     write_skip_list(skip_list, problems)
   if not problems:
     return list(examples)
-  kept = [e for e in examples if not any(p in problems for p in example_images(e))]
+  kept = [e for e in examples if not any(p in problems for p in images_of(e))]
   left_out = len(examples) - len(kept)
   listed = f"all listed in {skip_list}" if skip_list else "not listed (no skip list)"
   first, why = next(iter(problems.items()))
@@ -551,7 +556,8 @@ _LISTED: set[tuple[str, str]] = set()
 _LISTED_LOCK = threading.Lock()
 
 
-def _list_skip(skip_list: str, path: str, why: str) -> None:
+def list_skip(skip_list: str, path: str, why: str) -> None:
+  """Adds "<path>\t<why>" to `skip_list` unless this process listed `path` there."""
   with _LISTED_LOCK:
     if (skip_list, path) in _LISTED:
       return
@@ -574,7 +580,7 @@ def _load_images(
       images.append(load_image(path, image_size, rng, crop_scale))
     except (OSError, pipeline.ImageError) as e:
       if skip_list:
-        _list_skip(skip_list, path, str(e).replace("\n", " "))
+        list_skip(skip_list, path, str(e).replace("\n", " "))
       where = f" (every such file is listed in {skip_list})" if skip_list else ""
       logging.log_every_n_seconds(logging.WARNING, "Skipping image %s: %s%s", 10, path, e, where)
       return None

@@ -52,7 +52,7 @@ from vlp_jax import losses, processes
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation import finetune
-from vlp_jax.evaluation.embedding import DataError
+from vlp_jax.evaluation.embedding import DataError, ImageRef
 from vlp_jax.input_pipeline import image_files, pipeline, task_data
 from vlp_jax.methods import vlc
 from vlp_jax.methods.base import (
@@ -188,12 +188,15 @@ class _ClassRows(grain.transforms.RandomMap):
   image_size: int
   crop_scale: tuple[float, float] | None
   flip: bool
+  skip_list: str = ""  # Where an unreadable file is listed (image_files.SKIP_LIST_FILE).
 
   def random_map(self, element: tuple[Any, int], rng: np.random.Generator) -> dict | None:
     source, label = element
     try:
       pixels = np.asarray(source.open(), np.uint8)
     except (DataError, pipeline.ImageError, OSError) as e:
+      if self.skip_list:
+        task_data.list_skip(self.skip_list, str(getattr(source, "path", source)), str(e))
       logging.log_every_n_seconds(logging.WARNING, "Skipping image %s: %s", 10, source, e)
       return None
     height, width = pixels.shape[:2]
@@ -218,6 +221,7 @@ def create_classification_dataset(
   read_threads: int = 4,
   process_index: int = 0,
   process_count: int = 1,
+  skip_list: str = "",
 ) -> grain.IterDataset:
   """This process's endless, shuffled training batches of a classification set:
   {"image" uint8 (B, S, S, 3), "label" int32 (B,), "skipped" int32 (B,)}, drawn by
@@ -234,7 +238,7 @@ def create_classification_dataset(
       f"{batch_size * process_count}"
     )
   dataset = grain.MapDataset.source(elements).shuffle(seed=seed).repeat()
-  dataset = dataset.random_map(_ClassRows(image_size, crop_scale, flip), seed=seed)
+  dataset = dataset.random_map(_ClassRows(image_size, crop_scale, flip, skip_list), seed=seed)
   dataset = pipeline.ProcessRows(dataset, batch_size, process_index, process_count)
   options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
   iterable = pipeline.CountSkipped(dataset.to_iter_dataset(options, allow_nones=True))
@@ -515,7 +519,17 @@ class VlcTask(Method):
         examples, ctx.tokenizer, train=True, skip_list=skip_list, **common
       )
     data = finetune.read_classification_spec(self.train_spec, True, where)
-    return create_classification_dataset(data, flip=self.flip, **common)
+    if isinstance(data.images, Sequence):
+      # Image files are only stat-ed here (a class-folder set may hold millions).
+      kept = task_data.drop_unreadable(
+        list(zip(data.images, data.labels)),
+        images_of=lambda e: (e[0].path,) if isinstance(e[0], ImageRef) and e[0].path else (),
+        check=image_files.check_image_file,
+        **screen,
+      )
+      labels = np.asarray([label for _, label in kept], data.labels.dtype)
+      data = dataclasses.replace(data, images=[image for image, _ in kept], labels=labels)
+    return create_classification_dataset(data, flip=self.flip, skip_list=skip_list, **common)
 
   def pretrained_params(self, gather: Callable[[], Params]) -> Params | None:
     if self.pretrained == NO_PRETRAINED:
