@@ -460,6 +460,8 @@ def test_one_step_matches_numpy_reference_with_queue_ema_and_distillation(initia
 def test_loss_on_a_2x2x2_mesh_equals_one_device(monkeypatch, initial_state):
   monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 256)  # Shard the tiny tensors too.
   config = tiny_albef_config()
+  # ALBEF's dropout on: its masks must not depend on how the batch is split.
+  config.model.text.dropout = config.model.text.attention_dropout = 0.1
   batch = random_batch()
   results = {}
   for axes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
