@@ -186,7 +186,10 @@ def test_a_task_the_method_cannot_serve_is_refused_before_compute(tiny_config, t
   try:
     tiny_config.method = "toy"
     tiny_config.eval.tasks = "heldout"
-    with pytest.raises(ConfigError, match=r"'heldout' needs embed_image, embed_text.*'toy'"):
+    with pytest.raises(
+      ConfigError,
+      match=r"'toy' offers no embeddings for evaluation task 'heldout': it needs embed_image",
+    ):
       trainer.create_experiment(tiny_config, str(tmp_path))
   finally:
     del METHODS["toy"]
