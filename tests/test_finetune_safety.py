@@ -425,7 +425,7 @@ def test_eval_py_checks_tasks_method_and_output_dir_before_computing(corrupt_run
     eval_runner.evaluate_run(config, workdir, tasks=["nlvr2"], show_progress=False)
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  with pytest.raises(ConfigError, match=rf"--output_dir '{blocker}/out' is not a writable"):
+  with pytest.raises(ConfigError, match=rf"--output_dir '{blocker}/out' is not writable"):
     eval_runner.evaluate_run(config, workdir, output_dir=str(blocker / "out"), show_progress=False)
   no_tasks = copy.deepcopy(config)
   with no_tasks.unlocked():

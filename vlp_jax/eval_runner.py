@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from vlp_jax import checkpointing, config_lib, evaluation, progress, trainer
+from vlp_jax import checkpointing, config_lib, evaluation, experiment, progress, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import report
 from vlp_jax.input_pipeline import tokenizers
@@ -103,18 +103,6 @@ def check_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, kind: str) ->
     )
 
 
-def check_output_dir(path: str) -> None:
-  """ConfigError unless `path` is (or can be made) a directory this process can write."""
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write-probe-{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--output_dir {path!r} is not a writable directory: {e}") from e
-
-
 def checkpoint_steps(manager, workdir: str, step: int | None, all_checkpoints: bool) -> list[int]:
   available = sorted(manager.all_steps())
   if not available:
@@ -151,7 +139,7 @@ def evaluate_run(
       f"--tasks was given; name them, e.g. --tasks=heldout (known: {', '.join(evaluation.TASKS)})"
     )
   output_dir = output_dir or os.path.join(workdir, "eval")
-  check_output_dir(output_dir)
+  experiment.check_writable_dir(output_dir, "--output_dir")
   exp = trainer.create_experiment(config, workdir)
   try:
     evaluation.check_servable(names, list(exp.method.predict_fns()), config.method)

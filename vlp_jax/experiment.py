@@ -137,15 +137,17 @@ class Experiment(StepParts):
     }
 
 
-def _check_workdir(workdir: str) -> None:
+def check_writable_dir(path: str, name: str) -> None:
+  """ConfigError naming `name` unless `path` is (or can be made) a directory this process
+  can write: checked before any compute, so no finished work is lost to it."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-probe-{jax.process_index()}")
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-probe-{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
+    raise ConfigError(f"{name} {path!r} is not writable: {e}") from e
 
 
 def _resolve(key: str, spec: str) -> list[str]:
@@ -201,7 +203,7 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
   init_specs = pretrained.parse_specs(config)
   if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
     raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
-  _check_workdir(workdir)
+  check_writable_dir(workdir, "workdir")
 
   data = config.data
   pretrained_vocab = pretrained.text_vocab_file(init_specs)
