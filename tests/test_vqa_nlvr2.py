@@ -408,6 +408,20 @@ def test_nlvr2_statements_hold_where_they_should():
   assert cases[2][0].text() == "the right image has more crosses than the left image"
 
 
+def test_nlvr2_statements_use_only_the_letters_of_the_builtin_captions():
+  """The demo's WordPiece vocabulary is learned from the built-in captions: their words and
+  letters, no digits. A word with any other character is one [UNK] there, so its statement
+  cannot be read (version 1's "there are 4 shapes in total": every N the same [UNK])."""
+  rng = np.random.default_rng(0)
+  letters = set("".join(builtin.caption(builtin.sample_scene(rng, False)) for _ in range(300)))
+  statements = [builtin_tasks.random_statement(rng) for _ in range(2000)]
+  for statement in statements:
+    assert set(statement.text()) <= letters, (statement.text(), set(statement.text()) - letters)
+  totals = {s.number: s.text() for s in statements if s.kind == "total"}
+  assert sorted(totals) == [2, 3, 4, 5]  # Two scenes hold 2..6 shapes; "six" has an "x".
+  assert totals[4] == "there are four shapes in total"
+
+
 def test_builtin_nlvr2_round_trips_with_balanced_labels(nlvr2_set):
   train, dev = nlvr2_set.examples("train"), nlvr2_set.examples("dev")
   assert len(train) == 60 and len(dev) == 21
