@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import MIN_CACHED_COMPILE_SECS, ROOT
 
@@ -125,3 +128,19 @@ def compilation_cache(path: str):
     for key, value in before.items():
       jax.config.update(key, value)
     cc.reset_cache()
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int):
+  """A blocked open() or read() fails the test instead of hanging the run."""
+
+  def interrupt(signum, frame):
+    pytest.fail(f"still blocked after {seconds} s")
+
+  previous = signal.signal(signal.SIGALRM, interrupt)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

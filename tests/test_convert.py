@@ -1,11 +1,9 @@
 """convert: every input format round-trips; bad samples are skipped by reason or fixed."""
 
-import contextlib
 import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.runs import fails_after
 from vlp_jax.input_pipeline import convert, pipeline, records, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,22 +306,6 @@ def test_an_unreadable_tar_is_named_and_the_rest_converted(tmp_path):
   assert "tar" in state.unreadable_files[str(tmp_path / "b.tar")]
 
 
-@contextlib.contextmanager
-def _fails_after(seconds: int):
-  """A blocked open() or read() raises instead of hanging the test run."""
-
-  def interrupt(signum, frame):
-    pytest.fail(f"still blocked after {seconds} s")  # Not an OSError: nothing swallows it.
-
-  previous = signal.signal(signal.SIGALRM, interrupt)
-  signal.alarm(seconds)
-  try:
-    yield
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def _write_json(path, images: list[str]) -> None:
   path.write_text(json.dumps([{"image": image, "caption": f"of {image}"} for image in images]))
 
@@ -337,7 +320,7 @@ def test_only_regular_image_files_are_read_and_never_past_the_byte_limit(tmp_pat
   _write_json(tmp_path / "list.json", images)
   source = sources.JsonListSource(str(tmp_path / "list.json"), allow_outside_root=True)
   # A small limit: should the file-type check fail, /dev/zero costs 2 kB, not all memory.
-  with _fails_after(60):
+  with fails_after(60):
     state = convert.convert(source, str(tmp_path / "out"), _small_options(max_image_bytes=2000))
   assert [r["key"] for r in _read(tmp_path / "out")] == ["good.jpg"]
   assert state.skipped == {"image_not_a_regular_file": 2, "image_file_too_large": len(images) - 3}
@@ -350,7 +333,7 @@ def test_a_fifo_swapped_in_after_the_type_check_cannot_block(tmp_path, monkeypat
   real_stat = os.stat
   # The check sees a regular file; by the time it is opened, the path names a FIFO.
   monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(regular if p == str(fifo) else p))
-  with _fails_after(60), pytest.raises(convert.SampleError) as e:
+  with fails_after(60), pytest.raises(convert.SampleError) as e:
     convert.read_image_file(str(fifo), os.path.realpath(tmp_path), 1000)
   assert e.value.reason == "image_not_a_regular_file"
 

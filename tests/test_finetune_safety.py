@@ -10,7 +10,6 @@ test reuse.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import glob
@@ -18,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 
 import jax
@@ -27,6 +25,7 @@ import pytest
 from PIL import Image
 
 from configs import common, demo_vqa
+from tests.runs import fails_after
 from vlp_jax import config_lib, eval_runner, experiment, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import finetune, readers, vqa
@@ -37,22 +36,6 @@ from vlp_jax.methods import DataContext, MethodContext, vlc_tasks
 
 TOKENS = experiment.TokenizerSpec(64, 0, 12, cls_id=2, sep_id=3, mask_id=4)
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-@contextlib.contextmanager
-def fails_after(seconds: int):
-  """A blocked open() or read() fails the test instead of hanging the run."""
-
-  def interrupt(signum, frame):
-    pytest.fail(f"still blocked after {seconds} s")
-
-  previous = signal.signal(signal.SIGALRM, interrupt)
-  signal.alarm(seconds)
-  try:
-    yield
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def write_jpeg(path, colour, seed: int = 0) -> None:
@@ -437,9 +420,6 @@ def test_eval_py_checks_tasks_method_and_output_dir_before_computing(corrupt_run
   assert not glob.glob(os.path.join(workdir, "eval", "step_*"))  # Nothing was computed.
 
 
-@pytest.mark.skipif(
-  threading.current_thread() is not threading.main_thread(), reason="signal handlers"
-)
 def test_sigterm_during_the_end_of_run_evaluation_stops_it_within_a_batch(
   corrupt_run, monkeypatch, caplog
 ):
