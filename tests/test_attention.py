@@ -132,6 +132,20 @@ def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_cpu():
     layers.compute_dtype("bf17", "cpu")
 
 
+def test_platform_comes_from_the_mesh_not_the_host():
+  # A TPU mesh as a CPU host sees it when compiling for a topology (vlp_jax.preflight).
+  tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=tpu)
+  q = jnp.ones((2, 5, 2, 8), jnp.bfloat16)
+  attend = lambda q: layers.dot_product_attention(q, q, q)  # noqa: E731
+  assert layers.target_platform() == "cpu"
+  assert "custom_vjp_call" in str(jax.make_jaxpr(attend)(q))  # The CPU heads-major path.
+  with jax.sharding.use_abstract_mesh(tpu_mesh):
+    assert layers.target_platform() == "tpu"
+    assert layers.compute_dtype("auto") == jnp.bfloat16
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(attend)(q))  # jax.nn's XLA path.
+
+
 def test_layer_norm_statistics_stay_float32_under_bfloat16():
   # A large offset with a small spread: bfloat16 statistics would lose the spread.
   x = (1000.0 + jnp.arange(8.0)).astype(jnp.bfloat16)[None]

@@ -536,7 +536,9 @@ def create(ctx: MethodContext, **overrides: Any) -> Albef:
   config, albef = ctx.config, ctx.config.albef
   check_config(ctx)
   specials = text_masking.text_specials(ctx.tokenizer, ("pad_id", "cls_id"))
-  model = create_albef_model(config.model, albef, ctx.tokenizer.vocab_size, ctx.tokenizer.pad_id)
+  model = create_albef_model(
+    config.model, albef, ctx.tokenizer.vocab_size, ctx.tokenizer.pad_id, ctx.platform
+  )
   specs = tuple(pretrained.parse_specs(config, check_paths=False))
   for spec in specs:
     if spec.kind == "text" and spec.source != "hf_bert":

@@ -55,6 +55,12 @@ class MethodContext:
   total_steps: int
   train_sets: tuple[records.ShardSet, ...] = ()  # Empty where no data is read (benchmarks).
 
+  @property
+  def platform(self) -> str:
+    """The mesh's platform ("cpu", "gpu", "tpu"), which picks config.model.dtype "auto":
+    the target's, not the host's (a TPU topology's mesh compiled from a CPU host)."""
+    return self.mesh.devices.flat[0].platform
+
 
 @dataclasses.dataclass(frozen=True)
 class DataContext:

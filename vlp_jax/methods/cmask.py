@@ -227,7 +227,7 @@ def create(ctx: MethodContext) -> CMask:
     num_heads=cmask.agent_heads or text.num_heads,
     mlp_dim=cmask.agent_mlp_dim or text.mlp_dim,
     width=cmask.agent_width or None,
-    dtype=compute_dtype(ctx.config.model.dtype),
+    dtype=compute_dtype(ctx.config.model.dtype, ctx.platform),
   )
   tokenizer = ctx.tokenizer
   never_mask = text_masking.text_specials(tokenizer, ("pad_id", "cls_id", "sep_id")).never_mask

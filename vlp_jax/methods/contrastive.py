@@ -223,6 +223,7 @@ def create(ctx: MethodContext, **overrides: Any) -> Contrastive:
     ctx.tokenizer.pad_id,
     loss_kind=config.loss.kind,
     tuning=tuning,
+    platform=ctx.platform,
   )
   masker = masking.create_masker(
     config.masking,

@@ -385,9 +385,14 @@ class Vlc(Method):
 
 
 def create_model(
-  config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, context_length: int
+  config: ml_collections.ConfigDict,
+  vocab_size: int,
+  pad_id: int,
+  context_length: int,
+  platform: str | None = None,
 ) -> SingleStream:
-  """The SingleStream of config.model (encoder) and config.vlc (decoder)."""
+  """The SingleStream of config.model (encoder) and config.vlc (decoder); `platform`: the
+  target mesh's (clip.create_model's)."""
   image, text, vlc = config.model.image, config.model.text, config.vlc
   refuse_scan_layers(config.model.get("scan_layers", False), "VLC's single-stream encoder")
   size = decode_variant(
@@ -416,7 +421,7 @@ def create_model(
       f"config.model.text.max_positions={max_positions} < context_length {context_length}"
     )
   to_255 = lambda v: tuple(x * 255 for x in v) if v is not None else None  # noqa: E731
-  dtype = compute_dtype(config.model.dtype)
+  dtype = compute_dtype(config.model.dtype, platform)
   encoder = SingleStreamEncoder(
     size=size,
     image_size=image.image_size,
@@ -465,7 +470,9 @@ def create(ctx: MethodContext) -> Vlc:
   tokenizer = ctx.tokenizer
   # Every special token stays (pad, [CLS], [SEP]); with word ids they have none anyway.
   specials = text_masking.text_specials(tokenizer, ("pad_id", "cls_id", "sep_id"))
-  model = create_model(config, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.context_length)
+  model = create_model(
+    config, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.context_length, ctx.platform
+  )
   num_patches = model.encoder.num_patches
   num_keep = int(num_patches * (1 - vlc.mask_ratio))  # MAE's rounding.
   if num_keep < 1:

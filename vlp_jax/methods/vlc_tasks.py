@@ -608,7 +608,7 @@ def create(ctx: MethodContext, task: str) -> VlcTask:
     raise ValueError(f"config.finetune.pretrained: {tune.pretrained!r} is not a directory")
   tokenizer = ctx.tokenizer
   encoder = vlc.create_model(
-    config, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.context_length
+    config, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.context_length, ctx.platform
   ).encoder
   builtin = finetune.BuiltinSets.from_config(config)
   where = "config.finetune.train"

@@ -209,9 +209,11 @@ def create_albef_model(
   albef_config: ml_collections.ConfigDict,
   vocab_size: int,
   pad_id: int,
+  platform: str | None = None,
 ) -> AlbefModel:
   """AlbefModel from config.model (image tower, BERT text tower, embed_dim, dtype, remat)
-  and config.albef (fusion_layer, temperature); ValueError naming a bad key."""
+  and config.albef (fusion_layer, temperature); ValueError naming a bad key. `platform`:
+  the target mesh's (clip.create_model's)."""
   remat_policy_name(model_config.remat)
   layers.refuse_scan_layers(model_config.get("scan_layers", False), "ALBEF's towers")
   image_cfg, text_cfg = model_config.image, model_config.text
@@ -249,11 +251,12 @@ def create_albef_model(
   shared = tuple(a for a in ACTIVATIONS if a in layers.ACTIVATIONS)  # Both towers know it.
   if activation not in shared:
     raise ValueError(f"config.model.activation={activation!r} is not one of {shared}")
-  dtype = layers.compute_dtype(model_config.dtype)
+  dtype = layers.compute_dtype(model_config.dtype, platform)
   layers.check_attention(
     model_config.attention,
     dtype,
     {"image": size.width // size.num_heads, "text": text_cfg.width // text_cfg.num_heads},
+    platform,
     attention_dropout={
       "image": image_cfg.attention_dropout,
       "text": text_cfg.attention_dropout,

@@ -103,12 +103,15 @@ def create_model(
   pad_id: int = PAD_ID,
   loss_kind: str = "clip",
   tuning: Mapping[str, Tuning] | None = None,
+  platform: str | None = None,
 ) -> CLIP:
   """Builds CLIP from `config.model`; `vocab_size` and `pad_id` come from the tokenizer,
   `loss_kind` (config.loss.kind) picks the temperature's initialisation, `tuning`
-  ({"visual": ..., "text": ...}, peft.tuning_from_config) adds adapters / LoRA factors."""
+  ({"visual": ..., "text": ...}, peft.tuning_from_config) adds adapters / LoRA factors.
+  `platform`: the target mesh's (MethodContext.platform; default this process's devices),
+  which resolves config.model.dtype "auto" and checks config.model.attention."""
   tuning = tuning or {}
-  dtype = compute_dtype(model_config.dtype)
+  dtype = compute_dtype(model_config.dtype, platform)
   remat_policy_name(model_config.remat)  # Fails here, naming the key, not inside jit.
   image_cfg, text_cfg = model_config.image, model_config.text
   for tower in ("image", "text"):
@@ -130,7 +133,7 @@ def create_model(
     "image": size.width // size.num_heads,
     "text": text_cfg.width // text_cfg.num_heads,
   }
-  check_attention(model_config.attention, dtype, head_dims)
+  check_attention(model_config.attention, dtype, head_dims, platform)
   if image_cfg.image_size % size.patch_size:
     raise ValueError(
       f"config.model.image.image_size={image_cfg.image_size} is not a multiple of the "

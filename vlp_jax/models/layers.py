@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax import sharding
 
@@ -159,12 +159,25 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _BFLOAT16_BACKENDS = ("gpu", "tpu")
 
 
+def target_platform(mesh: Mesh | None = None) -> str:
+  """The platform ("cpu", "gpu", "tpu") a program is built for: that of `mesh`'s devices,
+  else of the ambient mesh (the train step is traced under its mesh, trainer.compile_step),
+  else of this process's default devices. Never the host's backend when a mesh is given:
+  a step compiled on a CPU host for a TPU topology (vlp_jax.preflight) is a TPU program."""
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty and ambient.abstract_device is not None:
+    return ambient.abstract_device.platform
+  return jax.devices()[0].platform
+
+
 def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
   """`config.model.dtype` -> the compute dtype: "auto" is bfloat16 on `backend` "gpu" or
-  "tpu" (default: jax.default_backend()) and float32 elsewhere; other names as they say.
-  Parameters stay float32 either way (master weights)."""
+  "tpu" (default: `target_platform()`; model builders pass their mesh's platform) and
+  float32 elsewhere; other names as they say. Parameters stay float32 either way."""
   if name == "auto":
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     return jnp.dtype(jnp.bfloat16 if backend in _BFLOAT16_BACKENDS else jnp.float32)
   try:
     return jnp.dtype(name)
@@ -225,7 +238,7 @@ def check_attention(
 
   `attention_dropout` ({tower: config.model.<tower>.attention_dropout}): jax's cuDNN
   kernel takes no dropout, so an explicit "cudnn" with a rate above 0 is refused."""
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   for tower, head_dim in head_dims.items():
     try:
       attention_implementation(requested, backend, dtype, head_dim)
@@ -263,7 +276,8 @@ def dot_product_attention(
   backend, since neither of jax's kernels takes dropout.
   """
   dropping = dropout_rng is not None and dropout_rate > 0
-  chosen = attention_implementation(implementation, jax.default_backend(), q.dtype, q.shape[-1])
+  platform = target_platform()  # The ambient mesh's at trace time, not the host's.
+  chosen = attention_implementation(implementation, platform, q.dtype, q.shape[-1])
   if dropping and implementation == "cudnn":
     raise ValueError("config.model.attention='cudnn' cannot drop attention probabilities")
   # Keep the batch split over the batch axes and the heads whole: an FSDP-split in_proj
@@ -278,7 +292,7 @@ def dot_product_attention(
     out = jax.nn.dot_product_attention(
       q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn"
     )
-  elif jax.default_backend() == "cpu":
+  elif platform == "cpu":
     out = _heads_major_attention(q, k, v, is_causal, padding_mask)
   else:
     mask = None if padding_mask is None else padding_mask[:, None, None, :]
