@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -184,11 +185,20 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     )
 
 
-def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Validates the config and builds mesh, data sources, tokenizer, method and optimizer.
+def create_mesh(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+  """The mesh of config.mesh over `devices`: this run's (jax.devices()) by default, or a
+  named topology's (vlp_jax.topology) for a deviceless pre-flight compile."""
+  try:
+    return sharding.create_mesh(config.mesh.to_dict(), devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
-  Fails with a ConfigError naming the offending key before anything is compiled.
-  """
+
+def check_step_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """What the step needs of the config, checked before any compute (ConfigError naming
+  the key): the rules of configs/common.py, the method, the batch sizes over `mesh`."""
   from configs.common import RULES  # configs/ lies beside train.py, not in vlp_jax.
 
   config_lib.check_rules(config, RULES)
@@ -196,8 +206,21 @@ def create_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experi
     raise ConfigError(f"config.method={config.method!r} is not one of {sorted(methods.METHODS)}")
   if config.loss.kind == "negclip":
     raise ConfigError("config.loss.kind='negclip' is now config.method='negclip'")
-  mesh = sharding.create_mesh(config.mesh.to_dict())
   _check_batch_sizes(config, mesh)
+
+
+def create_experiment(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices: Sequence[jax.Device] | None = None,
+) -> Experiment:
+  """Validates the config and builds mesh (over `devices`, default all of this run's),
+  data sources, tokenizer, method and optimizer.
+
+  Fails with a ConfigError naming the offending key before anything is compiled.
+  """
+  mesh = create_mesh(config, devices)
+  check_step_config(config, mesh)
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
   init_specs = pretrained.parse_specs(config)
