@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from vlp_jax import gpu_targets
 from vlp_jax.config_lib import UserError
 
 FLAG = "--topology"
@@ -47,6 +48,15 @@ CHIPS: dict[str, Chip] = {
   "TPU v4": Chip(275e12, 1200 * _GB, 32 * _GIB, 2, "cloud.google.com/tpu/docs/v4"),
   "TPU v3": Chip(123e12, 900 * _GB, 32 * _GIB, 2, "cloud.google.com/tpu/docs/v3"),
   "TPU v2": Chip(45e12, 600 * _GB, 16 * _GIB, 2, "cloud.google.com/tpu/docs/v2"),
+  # NVIDIA datasheets (dense bf16: the sheets' tensor-core figures marked "with sparsity"
+  # halved), read 2026-12-07: H100 SXM5 80 GB 1,979* TFLOPS, 3.35 TB/s; H100 PCIe 1,513*,
+  # 2.0 TB/s (nvidia.com/en-us/data-center/h100); H200 SXM 141 GB 1,979*, 4.8 TB/s
+  # (nvidia.com/en-us/data-center/h200); A100 SXM 80 GB 312 dense, 2,039 GB/s
+  # (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf). Capacities in GB as sold.
+  "NVIDIA H100 PCIe": Chip(756e12, 2000 * _GB, 80 * _GB, 1, "NVIDIA H100 datasheet"),
+  "NVIDIA H100": Chip(989e12, 3350 * _GB, 80 * _GB, 1, "NVIDIA H100 datasheet (SXM5)"),
+  "NVIDIA H200": Chip(989e12, 4800 * _GB, 141 * _GB, 1, "NVIDIA H200 datasheet (SXM)"),
+  "NVIDIA A100": Chip(312e12, 2039 * _GB, 80 * _GB, 1, "NVIDIA A100 datasheet r4 (SXM4)"),
 }
 
 
@@ -62,14 +72,15 @@ class DeviceFigures:
 
 
 def chip_for(device: Any) -> DeviceFigures | None:
-  """Figures for one device: its chip's, times the share of the chip it drives (v3 and
-  deviceless v4 present one device per TensorCore; v4/v5p megacore one per chip). None
-  for a device_kind CHIPS does not know."""
-  kind = device.device_kind
+  """Figures for one device (a jax device, or a device_kind string: a whole chip): its
+  chip's, times the share of the chip it drives (v3 and deviceless v4 present one device
+  per TensorCore; v4/v5p megacore one per chip). None for a kind CHIPS does not know."""
+  kind = device if isinstance(device, str) else device.device_kind
   for prefix in sorted(CHIPS, key=len, reverse=True):
     if kind.startswith(prefix):
       chip = CHIPS[prefix]
-      cores = getattr(device, "num_cores", None) or chip.cores_per_chip
+      cores = None if isinstance(device, str) else getattr(device, "num_cores", None)
+      cores = cores or chip.cores_per_chip
       share = min(cores, chip.cores_per_chip) / chip.cores_per_chip
       return DeviceFigures(
         kind,
@@ -115,6 +126,17 @@ def _tpu_devices(name: str) -> list[Any]:
 # Family (the part of a name before ":", lower case) -> resolver(name) -> devices. GPU
 # families ("h100", "h200": vlp_jax's GPU target configs, jax's CUDA wheels) add theirs.
 TOPOLOGY_FAMILIES: dict[str, Callable[[str], list[Any]]] = dict.fromkeys(TPU_FAMILIES, _tpu_devices)
+
+
+def _gpu_devices(name: str) -> list[Any]:
+  try:
+    return gpu_targets.topology_devices(name)
+  except (ValueError, RuntimeError) as e:  # A bad count, or no CUDA plugin: say so, one line.
+    raise TopologyError(str(e)) from None
+
+
+# "h100", "h100:8" (one host's GPUs): XLA's GPU compiler against a shipped target spec.
+TOPOLOGY_FAMILIES.update(dict.fromkeys(gpu_targets.GPU_TARGETS, _gpu_devices))
 
 
 def topology_devices(name: str) -> list[Any]:

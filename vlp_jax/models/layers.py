@@ -187,9 +187,19 @@ def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
     ) from None
 
 
+def _local_gpu() -> jax.Device | None:
+  """This process's first GPU; None on a host without one, where a GPU program is
+  compiled deviceless for a shipped CUDA target (vlp_jax.gpu_targets)."""
+  try:
+    return jax.devices("gpu")[0]
+  except RuntimeError:
+    return None
+
+
 def _cudnn_max_head_dim() -> int:
-  # jax's check_is_flash_attention: 256 from Hopper (compute capability 9.0) on, else 128.
-  capability = getattr(jax.devices("gpu")[0], "compute_capability", "0.0")
+  # jax's check_is_flash_attention: 256 from Hopper (compute capability 9.0) on, else 128;
+  # with no local GPU (a deviceless compile) jax's check finds no Hopper and allows 128.
+  capability = getattr(_local_gpu(), "compute_capability", "0.0")
   return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
 
 
@@ -198,7 +208,8 @@ def cudnn_attention_problem(backend: str, dtype: jnp.dtype, head_dim: int) -> st
   backend, compute dtype and head size (jax 0.10's checks), or None if it can."""
   if backend != "gpu":
     return f"it needs an NVIDIA GPU, and the backend is {backend!r}"
-  if "cuda" not in jax.devices("gpu")[0].client.platform_version:
+  gpu = _local_gpu()  # None: a deviceless compile, for CUDA (the only targets shipped).
+  if gpu is not None and "cuda" not in gpu.client.platform_version:
     return "it needs CUDA's cuDNN, and this GPU platform is not CUDA"
   if jnp.dtype(dtype) not in _CUDNN_DTYPES:
     return f"it needs bfloat16 or float16 compute (config.model.dtype), not {jnp.dtype(dtype)}"
@@ -286,18 +297,37 @@ def dot_product_attention(
   if dropping:
     out = _heads_major_attention(q, k, v, is_causal, padding_mask, dropout_rate, dropout_rng)
   elif chosen == "cudnn":
-    lengths = None
-    if padding_mask is not None:
-      lengths = jnp.sum(padding_mask, axis=-1, dtype=jnp.int32)
-    out = jax.nn.dot_product_attention(
-      q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn"
-    )
+    out = _cudnn_attention(q, k, v, is_causal, padding_mask)
   elif platform == "cpu":
     out = _heads_major_attention(q, k, v, is_causal, padding_mask)
   else:
     mask = None if padding_mask is None else padding_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return sharding.constrain_batch(out, tensor_dim=2)
+
+
+def _cudnn_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool, padding_mask: jax.Array | None
+) -> jax.Array:
+  """cuDNN flash attention at any length. jax 0.10 refuses cuDNN's training kernels at an
+  odd query or key length (its check counts every call as biased: "Unsupported sequence
+  length Q 197, KV 197", ViT-B/16's 197 tokens); such a length gets one more token,
+  masked out as a key (cuDNN's key lengths) and cut from the output. Preferred to XLA's
+  attention at 197 tokens by the compiled H100 step (benchmarks/preflight_gpu.py)."""
+  queries, keys = q.shape[1], k.shape[1]
+  lengths = None
+  if padding_mask is not None:
+    lengths = jnp.sum(padding_mask, axis=-1, dtype=jnp.int32)
+  if keys % 2:
+    if lengths is None:
+      lengths = jnp.full((k.shape[0],), keys, jnp.int32)
+    k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (k, v))
+  if queries % 2:
+    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  out = jax.nn.dot_product_attention(
+    q, k, v, is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn"
+  )
+  return out[:, :queries]
 
 
 def _heads_major_attention(
