@@ -217,12 +217,12 @@ def test_mfu_uses_the_compiled_step_flops(tiny_config, tmp_path):
   exp = trainer.create_experiment(tiny_config, str(tmp_path))
   state, state_sharding = trainer.create_train_state(exp.method, exp.tx, exp.mesh, 0)
   step_fn = trainer.compile_step(exp, state_sharding)
-  compiled = step_fn.lower(state, exp.abstract_batch()).compile()
-  flops = progress.compiled_flops(compiled, exp.mesh.size)
+  flops = progress.step_flops(step_fn.trace(state, exp.abstract_batch()))  # As the trainer.
   # Forward + backward is about 6 FLOPs per parameter per token, plus attention and AdamW.
   params = sum(x.size for x in jax.tree.leaves(state.params))
   tokens = tiny_config.batch_size * (exp.method.model.visual.num_patches + 1 + 24)
-  assert 3 * params * tokens < flops < 30 * params * tokens
+  # Each tower's parameters see its own tokens only, so params x tokens counts ~2x high.
+  assert 2 * params * tokens < flops < 30 * params * tokens
   assert progress.model_flops_utilization(8e12, 1.0, 1e12, 8) == pytest.approx(1.0)
   assert progress.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
   assert progress.peak_flops_per_device("cpu") is None

@@ -14,6 +14,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from vlp_jax import flops, topology
 from vlp_jax.input_pipeline import image_files
 
 
@@ -84,44 +85,35 @@ def truncate_metrics(workdir: str, step: int) -> int:
   return dropped
 
 
-# Peak dense bf16 FLOP/s per device by device_kind prefix (the first match wins, so longer
-# prefixes come first), checked 2026-12-02 against the datasheets: H100 SXM / H200 989
-# (the sheets' 1,979 assumes 2:4 sparsity), H100 PCIe 756, A100 312
-# (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf); TPU v4 275, v5e 197, v5p 459,
-# v6e 918 (cloud.google.com/tpu/docs/<version>: "Peak compute per chip (bf16)").
-PEAK_FLOPS_PER_DEVICE = {
-  "NVIDIA H100 PCIe": 756e12,
-  "NVIDIA H100": 989e12,
-  "NVIDIA H200": 989e12,
-  "NVIDIA A100": 312e12,
-  "TPU v6 lite": 918e12,
-  "TPU v5p": 459e12,
-  "TPU v5 lite": 197e12,
-  "TPU v4": 275e12,
-}
+# Peak dense bf16 FLOP/s per device_kind prefix: topology.CHIPS (sources beside it).
+PEAK_FLOPS_PER_DEVICE = {kind: chip.peak_flops for kind, chip in topology.CHIPS.items()}
 
 
-def peak_flops_per_device(device_kind: str, configured: float = 0.0) -> float | None:
-  """`config.peak_flops_per_device` if set, else the table's entry; None when unknown."""
+def peak_flops_per_device(device: Any, configured: float = 0.0) -> float | None:
+  """`config.peak_flops_per_device` if set, else the chip table's figure for `device` (a
+  jax device, whose share of a chip counts: a v3 core is half a chip, or a device_kind
+  string, taken as a whole chip); None when unknown."""
   if configured > 0:
     return configured
-  for prefix, flops in PEAK_FLOPS_PER_DEVICE.items():
-    if device_kind.startswith(prefix):
-      return flops
-  return None
+  figures = topology.chip_for(device)
+  return figures.peak_flops if figures else None
 
 
 def compiled_flops(compiled: Any, num_devices: int) -> float | None:
-  """FLOPs of one call of a compiled SPMD program over `num_devices`, all together.
-
-  XLA's cost analysis counts the per-device program; rematerialised work counts too, so
-  with config.model.remat the MFU computed from it is closer to hardware FLOP use.
-  """
+  """XLA's cost-analysis FLOPs of one call of a compiled SPMD program over `num_devices`,
+  all together. It counts a loop body once: with scanned layers use `step_flops`."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list | tuple):  # Older JAX: one dict per program.
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")
   return float(flops) * num_devices if flops else None
+
+
+def step_flops(traced: jax.stages.Traced) -> float:
+  """FLOPs of one call of a traced step (`jax.jit(f).trace(...)`), all devices together,
+  counted from its jaxpr: scanned layers count depth times (flops.count_flops), and
+  rematerialised work counts too, so the MFU is of the work the hardware does."""
+  return flops.count_flops(traced.jaxpr)
 
 
 def model_flops_utilization(
@@ -143,7 +135,8 @@ class ProgressLog:
   ):
     self.writer = writer
     self.exp = exp
-    peak = peak_flops_per_device(jax.devices()[0].device_kind, exp.config.peak_flops_per_device)
+    device = exp.mesh.devices.flat[0]  # The mesh's: its share of a chip counts.
+    peak = peak_flops_per_device(device, exp.config.peak_flops_per_device)
     self.flops_per_step = flops_per_step
     self.peak_flops = peak if flops_per_step else None
     self.last_step, self.last_time = start_step, time.time()

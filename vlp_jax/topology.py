@@ -72,14 +72,15 @@ class DeviceFigures:
 
 
 def chip_for(device: Any) -> DeviceFigures | None:
-  """Figures for one device: its chip's, times the share of the chip it drives (v3 and
-  deviceless v4 present one device per TensorCore; v4/v5p megacore one per chip). None
-  for a device_kind CHIPS does not know."""
-  kind = device.device_kind
+  """Figures for one device (a jax device, or a device_kind string: a whole chip): its
+  chip's, times the share of the chip it drives (v3 and deviceless v4 present one device
+  per TensorCore; v4/v5p megacore one per chip). None for a kind CHIPS does not know."""
+  kind = device if isinstance(device, str) else device.device_kind
   for prefix in sorted(CHIPS, key=len, reverse=True):
     if kind.startswith(prefix):
       chip = CHIPS[prefix]
-      cores = getattr(device, "num_cores", None) or chip.cores_per_chip
+      cores = None if isinstance(device, str) else getattr(device, "num_cores", None)
+      cores = cores or chip.cores_per_chip
       share = min(cores, chip.cores_per_chip) / chip.cores_per_chip
       return DeviceFigures(
         kind,

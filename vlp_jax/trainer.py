@@ -204,14 +204,14 @@ def _train_and_evaluate(exp: Experiment) -> dict[str, float]:
       f.write(config.to_json_best_effort(indent=2))
     progress.write_json(os.path.join(workdir, convert.TOKENIZER_FILE), exp.tokenizer_info())
 
-  # Compiled ahead of the loop: one compilation, whose cost analysis gives the MFU.
-  step_fn = compile_step(exp, state_sharding).lower(state, exp.abstract_batch()).compile()
+  # Compiled ahead of the loop: one compilation; its jaxpr's FLOPs give the MFU.
+  traced = compile_step(exp, state_sharding).trace(state, exp.abstract_batch())
+  step_fn = traced.lower().compile()
+  log = progress.ProgressLog(writer, exp, int(state.step), progress.step_flops(traced))
   eval_metrics: dict[str, float] = {}
   try:
     with preemption.PreemptionWatcher() as watcher:
-      eval_metrics = _train_loop(
-        exp, state, step_fn, train_iter, manager, evaluator, writer, watcher
-      )
+      eval_metrics = _train_loop(exp, state, step_fn, train_iter, manager, evaluator, log, watcher)
   finally:
     checkpointing.wait_for_saves(manager)
     writer.flush()
@@ -241,14 +241,12 @@ def _train_loop(
   train_iter: grain.DatasetIterator,
   manager: ocp.CheckpointManager,
   evaluator: evaluation.Evaluator,
-  writer: metric_writers.MetricWriter,
+  log: progress.ProgressLog,
   watcher: preemption.PreemptionWatcher,
 ) -> dict[str, float]:
   config, workdir = exp.config, exp.workdir
+  writer = log.writer
   start_step = int(state.step)
-  log = progress.ProgressLog(
-    writer, exp, start_step, progress.compiled_flops(step_fn, exp.mesh.size)
-  )
   stop_step = start_step + config.stop_after_steps if config.stop_after_steps else None
   eval_metrics: dict[str, float] = {}
   profile_last = config.profile_first_step + config.profile_num_steps - 1
