@@ -21,7 +21,8 @@ real GPU compiler against the shipped target spec, and prints:
   cuDNN's custom calls (attention, the patch convolution) get no estimate from it, so
   they are counted apart;
 - the cuDNN attention calls in the program (0 means XLA's attention ran).
-Writes benchmarks/results/preflight_gpu_<config>_<topology>.json. Estimates, not measurements: no GPU ran.
+Writes benchmarks/results/preflight_gpu_<config>_<topology>_<batch per GPU>.json.
+Estimates and bounds, not measurements: no GPU ran.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _CONFIG_PATH = flags.FLAGS["config"]  # Its config_filename names the results file.
 _TOPOLOGY = flags.DEFINE_string("topology", "h100", "h100, h100:8, h200, a100 (gpu_targets).")
-_PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 128, "Batch per GPU.")
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+  "per_device_batch", 128, "Batch per GPU; 0: the config's global batch_size."
+)
 _ATTENTION = flags.DEFINE_list("attention", ["xla", "auto"], "config.model.attention values.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Where to write each compiled program's HLO text.")
 
@@ -135,18 +138,20 @@ def main(argv: list[str]) -> None:
   for attention in _ATTENTION.value:
     config = _CONFIG.value.copy_and_resolve_references()
     with config.unlocked():
-      config.batch_size = _PER_DEVICE_BATCH.value * parsed[1]
+      if _PER_DEVICE_BATCH.value:  # Else the config's own global batch.
+        config.batch_size = _PER_DEVICE_BATCH.value * parsed[1]
       config.model.attention = attention
     try:
       row = compile_for_gpu(config, _TOPOLOGY.value)
     except Exception as error:  # The verdict is the result: report it and go on.
       row = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
     row.update(attention=attention, topology=_TOPOLOGY.value, argv=sys.argv[1:])
-    row.update(per_device_batch=_PER_DEVICE_BATCH.value)
+    row.update(per_device_batch=config.batch_size // parsed[1])
     print(json.dumps(row), flush=True)
     results.append(row)
   config_name = os.path.basename(_CONFIG_PATH.config_filename).split(".")[0]
-  name = f"preflight_gpu_{config_name}_{_TOPOLOGY.value.replace(':', 'x')}.json"
+  per_device = results[-1]["per_device_batch"]
+  name = f"preflight_gpu_{config_name}_{_TOPOLOGY.value.replace(':', 'x')}_{per_device}.json"
   common.write_json(f"{common.ROOT}/benchmarks/results/{name}", {"runs": results})
 
 
