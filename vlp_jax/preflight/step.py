@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax import experiment, progress, topology, trainer
+from vlp_jax import experiment, gpu_targets, progress, topology, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.preflight import hlo
 
@@ -100,6 +100,8 @@ def usable_hbm_bytes(devices: list[Any]) -> tuple[float, str]:
     except Exception as e:  # The compiler's own error type.
       if (available := _bytes(_AVAILABLE.search(str(e)))) is not None:
         return available, "the compiler's limit"
+  if (gpu_limit := gpu_targets.memory_limit_bytes(devices[0])) is not None:
+    return gpu_limit, "jax's default share (75%) of the GPU spec's memory"
   chip = topology.chip_for(devices[0])
   if chip is None:
     raise ConfigError(f"no HBM figure for device kind {devices[0].device_kind!r}")
@@ -173,7 +175,8 @@ def compile_report(build: StepBuild, topology_name: str) -> Report:
   flops = progress.step_flops(traced)
   error, compiled = "", None
   try:
-    compiled = traced.lower().compile()
+    # Deviceless GPU targets need options (gpu_targets); real devices and TPUs none.
+    compiled = traced.lower().compile(compiler_options=gpu_targets.compiler_options(devices))
   except Exception as e:  # XLA's runtime error; anything but memory is re-raised.
     if not _OUT_OF_MEMORY.search(str(e)):
       raise
