@@ -18,7 +18,9 @@ from typing import Any
 # What the plugin needs; the same line as requirements.txt's GPU note.
 INSTALL_LINE = 'pip install "jax[cuda12]==0.10.2"'
 # Deviceless compiles only: XLA's Triton GEMM autotuner has no GPU to time its tilings on
-# and fails at odd shapes such as ViT-B/16's 197 tokens; cuBLAS GEMMs need no autotuning.
+# and was seen to fail at odd shapes such as ViT-B/16's 197 tokens (issue 33); cuBLAS GEMMs
+# need no autotuning. (The tiny step and CLIP ViT-B/16's at batch 8 with cuDNN attention
+# compiled with it too, 2026-12-07: the failure is shape-dependent.)
 DEVICELESS_COMPILER_OPTIONS: dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
 
 
