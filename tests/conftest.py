@@ -25,6 +25,11 @@ def xla_flags(device_count: int = 8) -> str:
 # Must happen before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags()).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on the CPU: with libtpu installed (requirements-dev.txt, for the
+# pre-flight's deviceless TPU compiles) jax would first look for a TPU, and warn.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Each xdist worker may load libtpu for those compiles (no TPU is touched).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent XLA compilation cache for the session, its pytest-xdist workers and the
 # train.py subprocesses the tests start: many tests compile the same tiny programs.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -72,6 +72,8 @@ def format_report(report: step.Report) -> str:
     )
   if report.matmul_dtypes:
     lines.append(f"matrix products by operand dtype: {report.matmul_dtypes}")
+  for op in report.non_bf16_matmuls[:6]:
+    lines.append(f"  not bf16: {op}")
   for row in report.largest_arrays[:5]:
     lines.append(f"  largest: {row['shape']} {row['bytes'] / 2**20:.1f} MiB  {row['op']}")
   for suggestion in report.suggestions:

@@ -5,9 +5,11 @@ memory per chip against the chip's HBM, FLOPs, collectives, a roofline bound.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -87,16 +89,39 @@ def _bytes(match: re.Match[str] | None) -> float | None:
   return float(match.group(1)) * _UNITS[match.group(2)] if match else None
 
 
+@contextlib.contextmanager
+def _no_compilation_cache() -> Iterator[None]:
+  """A deviceless executable cannot be read back from jax's persistent cache (it has no
+  client): keep it out, whatever the process's setting."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+_USABLE_HBM: dict[str, tuple[float, str]] = {}  # By device kind: one probe each.
+
+
 def usable_hbm_bytes(devices: list[Any]) -> tuple[float, str]:
   """Bytes a step may use on one device, and where the figure comes from: the compiler's
   own limit, read from its refusal of a program far too large (TPU), else the chip
   table's capacity."""
+  kind = devices[0].device_kind
+  if kind not in _USABLE_HBM:
+    _USABLE_HBM[kind] = _probe_usable_hbm_bytes(devices)
+  return _USABLE_HBM[kind]
+
+
+def _probe_usable_hbm_bytes(devices: list[Any]) -> tuple[float, str]:
   if devices[0].platform == "tpu":  # XLA's GPU compiler checks no memory limit.
     mesh = jax.sharding.Mesh(devices[:1], ("d",))
     sharding = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     spec = jax.ShapeDtypeStruct((2**16, 2**16), "float32", sharding=sharding)
     try:  # 16 GiB in, 64 GiB of temporaries: more than any chip here has.
-      jax.jit(lambda x: jax.numpy.stack([x * i for i in range(4)]).sum(0)).lower(spec).compile()
+      with _no_compilation_cache():
+        jax.jit(lambda x: jax.numpy.stack([x * i for i in range(4)]).sum(0)).lower(spec).compile()
     except Exception as e:  # The compiler's own error type.
       if (available := _bytes(_AVAILABLE.search(str(e)))) is not None:
         return available, "the compiler's limit"
@@ -127,6 +152,8 @@ class Report:
   collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   largest_arrays: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   matmul_dtypes: dict[str, int] = dataclasses.field(default_factory=dict)
+  # The model operations of the matrix products not in bfloat16 (each once).
+  non_bf16_matmuls: list[str] = dataclasses.field(default_factory=list)
   compiler_error: str = ""
   suggestions: list[str] = dataclasses.field(default_factory=list)
   overrides: list[str] = dataclasses.field(default_factory=list)
@@ -175,8 +202,9 @@ def compile_report(build: StepBuild, topology_name: str) -> Report:
   flops = progress.step_flops(traced)
   error, compiled = "", None
   try:
-    # Deviceless GPU targets need options (gpu_targets); real devices and TPUs none.
-    compiled = traced.lower().compile(compiler_options=gpu_targets.compiler_options(devices))
+    with _no_compilation_cache():
+      # Deviceless GPU targets need options (gpu_targets); real devices and TPUs none.
+      compiled = traced.lower().compile(compiler_options=gpu_targets.compiler_options(devices))
   except Exception as e:  # XLA's runtime error; anything but memory is re-raised.
     if not _OUT_OF_MEMORY.search(str(e)):
       raise
@@ -218,4 +246,6 @@ def compile_report(build: StepBuild, topology_name: str) -> Report:
   report.collectives = hlo.collective_bytes(text)
   report.largest_arrays = hlo.largest_arrays(text)
   report.matmul_dtypes = hlo.matmul_dtypes(text)
+  others = {f"{dtype} {op}" for dtype, op in hlo.matmuls(text) if dtype != "bf16"}
+  report.non_bf16_matmuls = sorted(others)
   return report
