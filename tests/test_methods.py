@@ -249,6 +249,7 @@ LAYERS = (
     "vlp_jax.preemption",
     "vlp_jax.processes",
     "vlp_jax.cli",  # Flags, logging, user errors; imports config_lib only.
+    "vlp_jax.gpu_targets",  # GPU target specs as data; imports nothing of vlp_jax.
   ),
   (
     "vlp_jax.input_pipeline",
