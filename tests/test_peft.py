@@ -62,25 +62,22 @@ def test_lora_with_zero_b_equals_the_base_model(tiny_config, tmp_path):
   tiny_config.peft.lora_targets = "in_proj,c_fc"
   lora_exp = trainer.create_experiment(tiny_config, str(tmp_path / "lora"))
   batch = _random_batch(lora_exp)
-  params = lora_exp.method.model.init(
-    jax.random.PRNGKey(1), batch["image"][:2], batch["tokens"][:2]
-  )
+  images, tokens = batch["image"][:4], batch["tokens"][:4]
+  # Jitted: one compiled program each, not one per eager op.
+  params = jax.jit(lora_exp.method.model.init)(jax.random.PRNGKey(1), images[:2], tokens[:2])
   flat = flatten(params["params"])
   lora_paths = [p for p in flat if p.endswith(("lora_a", "lora_b"))]
   assert lora_paths and all(("in_proj" in p or "c_fc" in p) for p in lora_paths)
   base_params = unflatten({p: v for p, v in flat.items() if p not in lora_paths})
-  ours = lora_exp.method.model.apply(params, batch["image"][:4], batch["tokens"][:4])
-  base = base_exp.method.model.apply(
-    {"params": base_params}, batch["image"][:4], batch["tokens"][:4]
-  )
+  lora_apply = jax.jit(lora_exp.method.model.apply)
+  ours = lora_apply(params, images, tokens)
+  base = jax.jit(base_exp.method.model.apply)({"params": base_params}, images, tokens)
   for key in ("image", "text"):
     np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(base[key]))
   # A non-zero B moves the outputs: the factors are in the forward pass.
   b_path = next(p for p in lora_paths if p.endswith("lora_b"))
   flat[b_path] = jnp.ones_like(flat[b_path])
-  moved = lora_exp.method.model.apply(
-    {"params": unflatten(flat)}, batch["image"][:4], batch["tokens"][:4]
-  )
+  moved = lora_apply({"params": unflatten(flat)}, images, tokens)
   tower = "image" if b_path.startswith("visual/") else "text"
   assert not np.allclose(np.asarray(moved[tower]), np.asarray(ours[tower]), atol=1e-4)
 

@@ -28,7 +28,13 @@ from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 
 from configs import common
 from tests.conftest import ROOT
-from tests.runs import logged_losses, train_command, wait_for_logged_step
+from tests.runs import (
+  ScriptResult,
+  logged_losses,
+  run_train_in_process,
+  train_command,
+  wait_for_logged_step,
+)
 from vlp_jax import checkpointing, config_lib, processes, progress, workdir_lock
 from vlp_jax.config_lib import ConfigError
 
@@ -512,11 +518,12 @@ def test_kill_9_of_the_trainer_leaves_no_worker_process_or_shared_memory(tmp_pat
 TINY = "tests/configs/tiny.py"
 
 
-def _train_py(workdir, *flags: str, cache_dir: str, steps: int = 4) -> subprocess.CompletedProcess:
-  return _run(train_command(f"{TINY}:cache_dir={cache_dir},steps={steps}", workdir, *flags))
+def _train_py(workdir, *flags: str, cache_dir: str, steps: int = 4) -> ScriptResult:
+  """train.py's flag parsing, error reporting and training, run in this process."""
+  return run_train_in_process(f"{TINY}:cache_dir={cache_dir},steps={steps}", workdir, *flags)
 
 
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
+def _one_error_line(result: ScriptResult) -> str:
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
@@ -541,8 +548,8 @@ def test_a_user_error_prints_one_line_and_verbose_the_traceback(tmp_path, cache_
   blocker.write_text("")
   line = _one_error_line(_train_py(blocker / "run", cache_dir=cache_dir))
   assert "a_file/run" in line and "not writable" in line
-  verbose = _train_py(blocker / "run", "--verbose", cache_dir=cache_dir)
-  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+  with pytest.raises(config_lib.UserError, match="not writable"):  # Its traceback is kept.
+    _train_py(blocker / "run", "--verbose", cache_dir=cache_dir)
 
 
 # Needs config_lib.check_rules(config, RULES) at the top of create_experiment.
@@ -598,25 +605,17 @@ def test_a_resume_drops_the_metrics_of_the_steps_that_run_again(trained_run, tmp
   assert steps == [1, 2, 3, 4]
 
 
-_FULL_DISK_AT_STEP_4 = """
-import errno, os, runpy, sys
-from grain._src.python.checkpoint import handler
-save = handler.CheckpointHandler.save
-def full_disk_at_step_4(self, directory, *args, **kwargs):
-  if os.path.basename(os.path.dirname(str(directory))).startswith("4."):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-  return save(self, directory, *args, **kwargs)
-handler.CheckpointHandler.save = full_disk_at_step_4
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def test_a_full_disk_stops_training_at_once_with_one_line(tmp_path, cache_dir):
+def test_a_full_disk_stops_training_at_once_with_one_line(tmp_path, cache_dir, monkeypatch):
   # Needs checkpointing.save_checkpoint in the loop (and check_saves / wait_for_saves).
-  command = train_command(f"{TINY}:cache_dir={cache_dir},steps=8", tmp_path)
-  result = _run([sys.executable, "-c", _FULL_DISK_AT_STEP_4, *command[1:]])
-  line = _one_error_line(result)
+  save = grain_handler.CheckpointHandler.save
+
+  def full_disk_at_step_4(self, directory, *args, **kwargs):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("4."):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return save(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(grain_handler.CheckpointHandler, "save", full_disk_at_step_4)
+  line = _one_error_line(_train_py(tmp_path, cache_dir=cache_dir, steps=8))
   assert "No space left on device" in line and "step 2" in line and " free of " in line
   assert len(logged_losses(tmp_path)) == 4  # No step after the failed save.
   complete = [p for p in os.listdir(tmp_path / "checkpoints") if not p.endswith("-tmp")]

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.runs import first_batches, run_train_py
+from tests.runs import first_batches, run_train_in_process
 from vlp_jax import checkpointing, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 
@@ -84,7 +84,7 @@ def test_train_then_evaluate_end_to_end(tiny_config, tmp_path):
 
 
 def test_cli_rejects_an_unknown_config_key(tmp_path):
-  result = run_train_py("configs/demo.py", tmp_path, "--config.optim.lrr=0.1")
+  result = run_train_in_process("configs/demo.py", tmp_path, "--config.optim.lrr=0.1")
   assert result.returncode != 0
   assert "lrr" in result.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
