@@ -117,6 +117,11 @@ def _tpu_devices(name: str) -> list[Any]:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
   except Exception as e:  # libtpu's errors are RuntimeError / XlaRuntimeError, unpredictably.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "lockfile" in first:  # Another process has libtpu loaded (one at a time by default).
+      raise TopologyError(
+        f"{FLAG}={name}: another process holds libtpu; set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to "
+        "compile beside it (no TPU is touched)"
+      ) from None
     raise TopologyError(
       f"{FLAG}={name}: libtpu does not know this slice ({first}); "
       "give <version>:<shape> as in v5e:4x4, v5p:2x2x4, v6e:8x8, v4:2x2x2"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -87,8 +88,9 @@ def _json_path(config_path: str, topology_name: str) -> str:
   return f"preflight-{stem}-{slice_name}.json"
 
 
-def _overrides(argv_flags: list[str]) -> list[str]:
-  return [a for a in argv_flags if a.startswith("--config.")]
+def _overrides() -> list[str]:
+  """The --config.* flags given, as the command line spelled them."""
+  return [a for a in sys.argv[1:] if a.startswith("--config.")]
 
 
 def main(argv: list[str]) -> None:
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> None:
   config, name = _CONFIG.value, _TOPOLOGY.value
   devices = topology.topology_devices(name)
   report = step.compile_report(step.build_step(config, devices), name)
-  report.overrides = _overrides(flags.FLAGS.flags_into_string().split("\n"))
+  report.overrides = _overrides()
   if not report.fits:
     report.suggestions = fit.suggestions(config, report)
   print(format_report(report), flush=True)
