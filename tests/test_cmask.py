@@ -4,10 +4,6 @@ optimizer group, and the logged curriculum share."""
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.conftest import MIN_CACHED_COMPILE_SECS, ROOT
-from tests.runs import compilation_cache, logged_losses, wait_for_logged_step
+from tests.runs import compilation_cache, crash_after_logged_step, logged_losses
 from vlp_jax import experiment, optim, sharding
 from vlp_jax.evaluation import agent_report
 from vlp_jax.methods import MethodContext, cmask
@@ -134,41 +129,18 @@ def resume_config(cache_dir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def run_cmask(workdir: str, cache_dir: str) -> None:
-  """Trains resume_config with the real trainer, every logged step slowed so a kill
-  lands mid-run."""
-  from vlp_jax import progress, trainer
-
-  flush = progress.ProgressLog.flush
-  progress.ProgressLog.flush = lambda self, step: (time.sleep(0.5), flush(self, step))[1]
-  trainer.train_and_evaluate(resume_config(cache_dir), workdir)
-
-
-def test_resume_after_kill_mid_curriculum_is_identical(demo_run, cache_dir, tmp_path):
+def test_resume_after_a_crash_mid_curriculum_is_identical(demo_run, cache_dir, tmp_path):
+  # The trainer dies in this process after logging step KILL_AFTER, before its save; a real
+  # kill -9 (torn checkpoint writes) is tests/test_resilience.py's.
   from vlp_jax import trainer
 
   straight, _, _, jax_cache = demo_run
   killed = tmp_path / "killed"
-  code = (
-    f"import sys; sys.path.insert(0, {ROOT!r}); from tests import conftest, test_cmask; "
-    f"test_cmask.run_cmask({str(killed)!r}, {cache_dir!r})"
-  )
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax_cache}
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = MIN_CACHED_COMPILE_SECS
-  process = subprocess.Popen(
-    [sys.executable, "-c", code],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  wait_for_logged_step(process, killed, KILL_AFTER, lambda: process.stderr.read())
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert KILL_AFTER <= len(logged_losses(killed)) < RESUME_STEPS
-  assert 0 < logged(killed, "agent/share")[KILL_AFTER] < 1  # Killed mid-curriculum.
-  with compilation_cache(jax_cache):
+  with compilation_cache(jax_cache):  # The demo run's compiled step.
+    with crash_after_logged_step(KILL_AFTER):
+      trainer.train_and_evaluate(resume_config(cache_dir), str(killed))
+    assert len(logged_losses(killed)) == KILL_AFTER
+    assert 0 < logged(killed, "agent/share")[KILL_AFTER] < 1  # Mid-curriculum.
     trainer.train_and_evaluate(resume_config(cache_dir), str(killed))
   # Losses see the queues and EMA (ITA over the queue, distillation); the agent's reward,
   # advantage and baseline see the agent's parameters and extra["baseline"].

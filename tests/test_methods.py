@@ -5,10 +5,6 @@ queue building blocks, task refusal, and the import layering."""
 import ast
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,8 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, xla_flags
-from tests.runs import logged_losses, wait_for_logged_step
+from tests.conftest import ROOT
+from tests.runs import crash_after_logged_step, logged_losses
 from vlp_jax import trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.methods import METHODS, Method, MethodContext, buffers
@@ -108,18 +104,13 @@ class ToyRegression(Method):
     return loss, ({"loss": loss, "queue_filled": queue.filled}, new_extra)
 
 
-def run_toy(workdir: str, cache_dir: str, steps: int, slow: bool = False) -> None:
-  """Trains the toy method with the real trainer on an 8-way FSDP mesh, then saves the
-  final state's params and extra to <workdir>/final.npz. `slow`: every logged step
-  sleeps, so a kill lands mid-run."""
+def run_toy(workdir, cache_dir: str, steps: int) -> None:
+  """Trains the toy method (registered by the caller) with the real trainer on an 8-way
+  FSDP mesh, then saves the final state's params and extra to <workdir>/final.npz."""
   from tests.configs import tiny
-  from vlp_jax import checkpointing, progress, sharding
+  from vlp_jax import checkpointing
 
-  METHODS["toy"] = ToyRegression
-  sharding.FSDP_MIN_SIZE = 256  # The toy's tensors are small: shard them anyway.
-  if slow:
-    flush = progress.ProgressLog.flush
-    progress.ProgressLog.flush = lambda self, step: (time.sleep(0.3), flush(self, step))[1]
+  workdir = str(workdir)
   config = tiny.get_config(f"cache_dir={cache_dir},steps={steps}")
   config.unlock()
   config.method = "toy"
@@ -139,38 +130,22 @@ def run_toy(workdir: str, cache_dir: str, steps: int, slow: bool = False) -> Non
   np.savez(os.path.join(workdir, "final.npz"), specs=np.array(sorted(sharded)), **arrays)
 
 
-def _toy_process(workdir, cache_dir, steps, slow=False) -> subprocess.Popen:
-  code = (
-    f"import sys; sys.path.insert(0, {ROOT!r}); from tests import test_methods; "
-    f"test_methods.run_toy({str(workdir)!r}, {cache_dir!r}, {steps}, slow={slow})"
-  )
-  env = {**os.environ, "XLA_FLAGS": xla_flags()}
-  return subprocess.Popen(
-    [sys.executable, "-c", code],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+def test_toy_method_with_extra_state_resumes_exactly_after_a_crash(
+  cache_dir, tmp_path, monkeypatch
+):
+  # The trainer dies in this process after logging step 5, before its save; a real kill -9
+  # (torn checkpoint writes) is tests/test_resilience.py's.
+  from vlp_jax import sharding
 
-
-def _finish(process: subprocess.Popen) -> None:
-  _, err = process.communicate(timeout=600)
-  assert process.returncode == 0, err[-3000:]
-
-
-def test_toy_method_with_extra_state_resumes_exactly_after_kill(cache_dir, tmp_path):
+  monkeypatch.setitem(METHODS, "toy", ToyRegression)
+  monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 256)  # Small tensors: shard them anyway.
   steps = 12
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  _finish(_toy_process(straight, cache_dir, steps))
-  process = _toy_process(killed, cache_dir, steps, slow=True)
-  wait_for_logged_step(process, killed, 5, lambda: process.stderr.read())
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  interrupted_at = len(logged_losses(killed))
-  assert 5 <= interrupted_at < steps
-  _finish(_toy_process(killed, cache_dir, steps))
+  run_toy(straight, cache_dir, steps)
+  with crash_after_logged_step(5):
+    run_toy(killed, cache_dir, steps)
+  assert len(logged_losses(killed)) == 5 and not (killed / "final.npz").exists()
+  run_toy(killed, cache_dir, steps)
   assert logged_losses(killed) == logged_losses(straight)
   expected, found = np.load(straight / "final.npz"), np.load(killed / "final.npz")
   assert sorted(expected.files) == sorted(found.files)

@@ -12,7 +12,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tests.conftest import ROOT
-from tests.runs import logged_losses, run_train_py, train_command, wait_for_logged_step
+from tests.runs import (
+  logged_losses,
+  run_train_in_process,
+  train_command,
+  wait_for_logged_step,
+)
 from vlp_jax import checkpointing
 
 
@@ -30,7 +35,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_identical_run(tmp_path, c
   config = f"tests/configs/tiny.py:cache_dir={cache_dir},steps=20"
   flags = ("--config.data.num_workers=1",)
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  result = run_train_py(config, straight, *flags)
+  # Only the killed run needs a process of its own; the others run in this one.
+  result = run_train_in_process(config, straight, *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   kill_step = random.randint(3, 8)
   killed = _start_and_signal(train_command(config, resumed, *flags), resumed, kill_step, 9)
@@ -40,7 +46,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_identical_run(tmp_path, c
   # Checkpoints are written in the background: the kill may have cut one short.
   with ocp.CheckpointManager(resumed / "checkpoints") as manager:
     complete = manager.all_steps()
-  result = run_train_py(config, resumed, *flags)
+  result = run_train_in_process(config, resumed, *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   if complete:
     assert f"Resuming from the checkpoint of step {max(complete)}" in result.stderr
