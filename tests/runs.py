@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -45,10 +46,11 @@ def run_train_py(config: str, workdir, *flags: str, env=None) -> subprocess.Comp
 
 @dataclasses.dataclass
 class ScriptResult:
-  """What a run of an entry point left: its exit status and its stderr (log lines too)."""
+  """What a run of an entry point left: its exit status, stdout and stderr (log lines too)."""
 
   returncode: int
   stderr: str
+  stdout: str
 
 
 _loaded_script: dict[str, tuple[ModuleType, set[str]]] = {}
@@ -91,25 +93,42 @@ def run_script(script: str, *args: str) -> ScriptResult:
   # ml_collections registers one flag per --config.<field> override at parse time.
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)
-  stderr = io.StringIO()
-  handler = absl_logging.get_absl_handler().python_handler
-  saved = sys.argv, handler.stream
-  sys.argv, handler.stream = [path, *args], stderr
+
+  def run() -> None:
+    if hasattr(module, "define_config_flag"):  # eval.py: --config depends on argv.
+      if "config" in flags.FLAGS:
+        delattr(flags.FLAGS, "config")
+      module._CONFIG = module.define_config_flag(sys.argv)
+    cli.run(module.main)
+
+  saved = sys.argv
+  sys.argv = [path, *args]
   try:
-    with contextlib.redirect_stderr(stderr):
-      if hasattr(module, "define_config_flag"):  # eval.py: --config depends on argv.
-        if "config" in flags.FLAGS:
-          delattr(flags.FLAGS, "config")
-        module._CONFIG = module.define_config_flag(sys.argv)
-      cli.run(module.main)
+    return run_main(run)
+  finally:
+    sys.argv = saved
+
+
+def run_main(main: Callable[[], object]) -> ScriptResult:
+  """Calls an entry point's main in this process as its process would end: stdout and
+  stderr (with absl's log lines) captured, SystemExit turned into the exit status."""
+  from absl import logging as absl_logging
+
+  stdout, stderr = io.StringIO(), io.StringIO()
+  handler = absl_logging.get_absl_handler().python_handler
+  saved = handler.stream
+  handler.stream = stderr
+  try:
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+      main()
     code = 0
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     if isinstance(e.code, str):  # What the interpreter does with sys.exit("message").
       stderr.write(e.code + "\n")
   finally:
-    sys.argv, handler.stream = saved
-  return ScriptResult(code, stderr.getvalue())
+    handler.stream = saved
+  return ScriptResult(code, stderr.getvalue(), stdout.getvalue())
 
 
 def run_train_in_process(config: str, workdir, *flags: str) -> ScriptResult:

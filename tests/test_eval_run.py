@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -12,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.runs import run_script
 from tests.test_eval_readers import image_bytes, write_image, write_json
 from vlp_jax import checkpointing, trainer
 from vlp_jax.evaluation import Embedder, ImageRef, embedding
@@ -150,9 +149,8 @@ def test_eval_py_evaluates_every_checkpoint_and_writes_clip_benchmark_files(
   _save_checkpoints(exp, state, (1, 2))
   data = _fixtures(str(tmp_path))
   tasks = ["heldout", *data]
-  command = [
-    sys.executable,
-    os.path.join(ROOT, "eval.py"),
+  proc = run_script(  # eval.py's flags and run, in this process.
+    "eval.py",
     f"--config={ROOT}/tests/configs/tiny.py:cache_dir={cache_dir}",
     f"--workdir={exp.workdir}",
     "--all_checkpoints",
@@ -160,8 +158,7 @@ def test_eval_py_evaluates_every_checkpoint_and_writes_clip_benchmark_files(
     f"--tasks={','.join(tasks)}",
     "--config.eval.linear_probe.epochs=2",
     *[f"--data.{task}={spec}" for task, spec in data.items()],
-  ]
-  proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = os.path.join(exp.workdir, "eval")
   for step in (1, 2):

@@ -8,8 +8,6 @@ needs checkpoints.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +38,15 @@ HELDOUT = "builtin-heldout_zeroshot_retrieval.json"
 def run(tmp_path_factory, cache_dir) -> str:
   """The workdir of a 4-step tiny run trained with CLIP's BPE and its own mean / std."""
   workdir = str(tmp_path_factory.mktemp("self_describing_run"))
-  proc = runs.run_train_py(f"tests/configs/tiny.py:cache_dir={cache_dir}", workdir, *RUN_FLAGS)
+  config = f"tests/configs/tiny.py:cache_dir={cache_dir}"
+  proc = runs.run_train_in_process(config, workdir, *RUN_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
-def run_eval_py(*flags: str) -> subprocess.CompletedProcess:
-  command = [sys.executable, os.path.join(ROOT, "eval.py"), "--noprogress", *flags]
-  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run_eval_py(*flags: str) -> runs.ScriptResult:
+  """`python eval.py --noprogress <flags>`, run in this process."""
+  return runs.run_script("eval.py", "--noprogress", *flags)
 
 
 def read_json(path: str) -> dict:
@@ -144,17 +143,12 @@ def test_a_mistyped_workdir_fails_in_one_line_and_is_not_created(tmp_path, with_
 # -------------------------------------------------------------------- open_clip export
 
 
-def _export(run: str, dst: str) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "vlp_jax.weights.convert", "--to=open_clip"]
-  umask = os.umask(0o022)  # The usual one, inherited by the exporter: files 0644.
+def _export(run: str, dst: str) -> runs.ScriptResult:
+  """`python -m vlp_jax.weights.convert --to=open_clip`, run in this process."""
+  args = ["--to=open_clip", f"--src={run}", f"--dst={dst}"]
+  umask = os.umask(0o022)  # The usual one: files 0644.
   try:
-    return subprocess.run(
-      [*command, f"--src={run}", f"--dst={dst}"],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      timeout=300,
-    )
+    return runs.run_main(lambda: convert.main(args))
   finally:
     os.umask(umask)
 
