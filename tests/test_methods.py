@@ -225,6 +225,8 @@ LAYERS = (
     "vlp_jax.processes",
     "vlp_jax.cli",  # Flags, logging, user errors; imports config_lib only.
     "vlp_jax.gpu_targets",  # GPU target specs as data; imports nothing of vlp_jax.
+    "vlp_jax.flops",  # Counts a jaxpr's FLOPs; imports nothing of vlp_jax.
+    "vlp_jax.topology",  # Devices and chips of a named slice; gpu_targets and config_lib.
   ),
   (
     "vlp_jax.input_pipeline",
@@ -236,7 +238,7 @@ LAYERS = (
   ("vlp_jax.evaluation", "vlp_jax.pretrained"),
   ("vlp_jax.methods",),
   ("vlp_jax.experiment",),
-  ("vlp_jax.trainer", "vlp_jax.eval_runner", "vlp_jax.show_masks"),
+  ("vlp_jax.trainer", "vlp_jax.eval_runner", "vlp_jax.show_masks", "vlp_jax.preflight"),
 )
 
 
