@@ -14,7 +14,7 @@ keep=target gives the tower round(196 x 0.5) = 98 tokens, the FLIP budget.
 
 Without config.data.train it runs on the built-in dataset (and says so).
 
-Meant for a TPU v5e-16 slice (v5e:4x4, 128 per chip, the reference's per-GPU batch), with
+Meant for a TPU v5e-16 slice (v5e:4x4: the global 2,048 is 128 per chip), with
 --config.model.scan_layers=True --config.model.remat=full at launch. `python -m
 vlp_jax.preflight --config=configs/cluster_vitb16.py --topology=v5e:4x4` with those two
 overrides (2026-12-07): fits, peak 3.32 GiB per chip of 15.75.
