@@ -6,8 +6,9 @@
   python train.py --config=configs/clip_vitb16.py:unmasked_tuning=True \
       --config.init_from=/path/masked_run ...   # tuning stage after masked pretraining
 
-Meant for a TPU v5e-16 slice (v5e:4x4): the global batch of 2,048 is 128 per chip, with scanned layers and full remat (launch with
---config.model.scan_layers=True --config.model.remat=full). Compiled for v5e:4x4 by
+Meant for a TPU v5e-16 slice (v5e:4x4): the global batch of 2,048 is 128 per chip,
+with scanned layers and full remat (launch with --config.model.scan_layers=True
+--config.model.remat=full). Compiled for v5e:4x4 by
 `python -m vlp_jax.preflight --config=configs/clip_vitb16.py --topology=v5e:4x4
 --config.model.scan_layers=True --config.model.remat=full` (2026-12-07): fits, per chip
 1.58 GiB arguments + 3.33 GiB temporaries of 15.75 GiB.
