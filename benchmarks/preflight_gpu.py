@@ -6,7 +6,7 @@ r"""The train step compiled for an NVIDIA GPU on a host without one, per attenti
 
 Needs jax's CUDA plugin (vlp_jax.gpu_targets.INSTALL_LINE), no GPU. For each attention
 path (config.model.attention: "xla", XLA's attention; "auto", cuDNN flash attention with
-odd lengths padded, models/layers.py), builds the step train.py would run (method,
+odd lengths padded, models/attention.py), builds the step train.py would run (method,
 optimizer, data-parallel mesh over the topology's devices, bf16), compiles it with XLA's
 real GPU compiler against the shipped target spec, and prints:
 - whether it compiles, compile time (trace + lower + compile), XLA's memory analysis per GPU

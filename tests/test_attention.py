@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from vlp_jax import sharding
-from vlp_jax.models import bert, clip, layers
+from vlp_jax.models import attention, bert, clip, layers, platform
 
 SPMD_REMAT_WARNING = "Involuntary full rematerialization"
 
@@ -35,20 +35,20 @@ def test_causal_attention_matches_explicit_softmax():
   length = q.shape[1]
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (2, length, length))
   for implementation in ("xla", "auto"):  # "auto" is XLA's kernel on CPU.
-    out = layers.dot_product_attention(q, k, v, implementation, is_causal=True)
+    out = attention.dot_product_attention(q, k, v, implementation, is_causal=True)
     np.testing.assert_allclose(out, _reference_attention(q, k, v, causal), atol=1e-5)
 
 
 def test_padding_mask_matches_explicit_softmax_and_ignores_padded_keys():
   q, k, v = _qkv()
   valid = jnp.array([[True] * 4 + [False] * 2, [True] * 6])  # Trailing padding, as tokenizers.
-  out = layers.dot_product_attention(q, k, v, "xla", padding_mask=valid)
+  out = attention.dot_product_attention(q, k, v, "xla", padding_mask=valid)
   allowed = jnp.broadcast_to(valid[:, None, :], (2, 6, 6))
   np.testing.assert_allclose(out, _reference_attention(q, k, v, allowed), atol=1e-5)
   # Whatever the padded positions hold, no query sees them.
   noise_k, noise_v = (100 * x for x in _qkv(seed=1)[:2])
   padded = ~valid[:, :, None, None]
-  changed = layers.dot_product_attention(
+  changed = attention.dot_product_attention(
     q, jnp.where(padded, noise_k, k), jnp.where(padded, noise_v, v), "xla", padding_mask=valid
   )
   np.testing.assert_array_equal(changed, out)
@@ -63,7 +63,7 @@ def test_cpu_heads_major_path_matches_jax_attention_values_and_gradients():
   for causal, mask in ((False, None), (True, None), (False, padding), (True, padding)):
 
     def ours(q, k, v, causal=causal, mask=mask):
-      return layers.dot_product_attention(q, k, v, "xla", is_causal=causal, padding_mask=mask)
+      return attention.dot_product_attention(q, k, v, "xla", is_causal=causal, padding_mask=mask)
 
     def jaxs(q, k, v, causal=causal, mask=mask):
       jax_mask = None if mask is None else mask[:, None, None, :]
@@ -89,7 +89,7 @@ def test_cpu_path_keeps_only_the_attention_weights_for_the_backward_pass():
     vjp = jax.eval_shape(lambda *a: jax.tree.leaves(jax.vjp(f, *a)[1]), q, k, v)
     return [r.dtype for r in vjp if r.shape[-2:] == (5, 7) and r.size > 7 * 5]
 
-  ours = kept(lambda q, k, v: layers.dot_product_attention(q, k, v, "xla", padding_mask=padding))
+  ours = kept(lambda q, k, v: attention.dot_product_attention(q, k, v, "xla", padding_mask=padding))
   assert ours == [jnp.float32]
   mask = padding[:, None, None, :]
   assert len(kept(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))) > 1
@@ -106,13 +106,13 @@ def test_bert_self_attention_ignores_padding_tokens():
 
 
 def test_auto_attention_is_xla_on_cpu_and_cudnn_is_refused_by_name():
-  assert layers.attention_implementation("auto", "cpu", jnp.bfloat16, 64) == "xla"
-  assert layers.attention_implementation("auto", "tpu", jnp.bfloat16, 64) == "xla"
-  assert layers.attention_implementation("xla", "cpu", jnp.float32, 64) == "xla"
+  assert attention.attention_implementation("auto", "cpu", jnp.bfloat16, 64) == "xla"
+  assert attention.attention_implementation("auto", "tpu", jnp.bfloat16, 64) == "xla"
+  assert attention.attention_implementation("xla", "cpu", jnp.float32, 64) == "xla"
   with pytest.raises(ValueError, match=r"config\.model\.attention='cudnn'.*GPU"):
-    layers.attention_implementation("cudnn", "cpu", jnp.bfloat16, 64)
+    attention.attention_implementation("cudnn", "cpu", jnp.bfloat16, 64)
   with pytest.raises(ValueError, match=r"config\.model\.attention='flash' is not one of"):
-    layers.attention_implementation("flash", "cpu", jnp.float32, 64)
+    attention.attention_implementation("flash", "cpu", jnp.float32, 64)
 
 
 def test_cudnn_on_cpu_fails_when_the_model_is_built(tiny_config):
@@ -122,14 +122,14 @@ def test_cudnn_on_cpu_fails_when_the_model_is_built(tiny_config):
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_cpu():
-  assert layers.compute_dtype("auto", "cpu") == jnp.float32
-  assert layers.compute_dtype("auto", "gpu") == jnp.bfloat16
-  assert layers.compute_dtype("auto", "tpu") == jnp.bfloat16
-  assert layers.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
-  assert layers.compute_dtype("float32", "tpu") == jnp.float32  # Explicit names win.
-  assert layers.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+  assert platform.compute_dtype("auto", "cpu") == jnp.float32
+  assert platform.compute_dtype("auto", "gpu") == jnp.bfloat16
+  assert platform.compute_dtype("auto", "tpu") == jnp.bfloat16
+  assert platform.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
+  assert platform.compute_dtype("float32", "tpu") == jnp.float32  # Explicit names win.
+  assert platform.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
   with pytest.raises(ValueError, match=r"config\.model\.dtype='bf17'"):
-    layers.compute_dtype("bf17", "cpu")
+    platform.compute_dtype("bf17", "cpu")
 
 
 def test_platform_comes_from_the_mesh_not_the_host():
@@ -137,12 +137,12 @@ def test_platform_comes_from_the_mesh_not_the_host():
   tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
   tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=tpu)
   q = jnp.ones((2, 5, 2, 8), jnp.bfloat16)
-  attend = lambda q: layers.dot_product_attention(q, q, q)  # noqa: E731
-  assert layers.target_platform() == "cpu"
+  attend = lambda q: attention.dot_product_attention(q, q, q)  # noqa: E731
+  assert platform.target_platform() == "cpu"
   assert "custom_vjp_call" in str(jax.make_jaxpr(attend)(q))  # The CPU heads-major path.
   with jax.sharding.use_abstract_mesh(tpu_mesh):
-    assert layers.target_platform() == "tpu"
-    assert layers.compute_dtype("auto") == jnp.bfloat16
+    assert platform.target_platform() == "tpu"
+    assert platform.compute_dtype("auto") == jnp.bfloat16
     assert "custom_vjp_call" not in str(jax.make_jaxpr(attend)(q))  # jax.nn's XLA path.
 
 

@@ -26,7 +26,7 @@ from tests import test_albef, test_vlc
 from vlp_jax import config_lib
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.methods import albef
-from vlp_jax.models import clip, layers
+from vlp_jax.models import attention, clip, layers, stacking
 from vlp_jax.models.bert import BertLayer
 
 # ---------------------------------------------------------------- recipe defaults
@@ -136,7 +136,7 @@ def test_rematerialised_layers_draw_the_same_masks_again():
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
     grads(BertLayer),
-    grads(layers.with_remat(BertLayer, "full")),
+    grads(stacking.with_remat(BertLayer, "full")),
   )
 
 
@@ -159,7 +159,7 @@ def test_dropped_attention_equals_the_explicit_math_forward_and_backward():
   key, rate = jax.random.PRNGKey(3), 0.3
 
   def ours(q, k, v):
-    return layers.dot_product_attention(
+    return attention.dot_product_attention(
       q, k, v, "xla", padding_mask=padding, dropout_rate=rate, dropout_rng=key
     )
 

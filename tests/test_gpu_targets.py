@@ -1,5 +1,5 @@
 """GPU targets for deviceless compiles (vlp_jax.gpu_targets, `--topology=h100[:N]`) and the
-cuDNN attention path's padding of odd lengths (models/layers.py).
+cuDNN attention path's padding of odd lengths (models/attention.py).
 
 The compile tests need jax's CUDA plugin (gpu_targets.INSTALL_LINE; no GPU) and skip
 without it; everything else runs anywhere."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vlp_jax import experiment, gpu_targets, sharding, topology, trainer
-from vlp_jax.models import layers
+from vlp_jax.models import attention
 
 needs_cuda_plugin = pytest.mark.skipif(
   not gpu_targets.cuda_plugin_installed(),
@@ -91,14 +91,14 @@ def test_cudnn_padding_of_odd_lengths_keeps_the_math(monkeypatch, causal, length
   def loss(attend, q, k, v):
     return jnp.sum(attend(q, k, v) * weights)
 
-  padded = lambda q, k, v: layers._cudnn_attention(q, k, v, causal, mask)  # noqa: E731
+  padded = lambda q, k, v: attention._cudnn_attention(q, k, v, causal, mask)  # noqa: E731
   exact = lambda q, k, v: plain(  # noqa: E731
     q, k, v, is_causal=causal, mask=None if mask is None else mask[:, None, None, :]
   )
   got, got_grads = jax.value_and_grad(loss, argnums=(1, 2, 3))(padded, q, k, v)
   want, want_grads = jax.value_and_grad(loss, argnums=(1, 2, 3))(exact, q, k, v)
   assert seen and all(t % 2 == 0 and s % 2 == 0 for t, s in seen)  # What jax refuses: odd.
-  assert layers._cudnn_attention(q, k, v, causal, mask).shape == q.shape
+  assert attention._cudnn_attention(q, k, v, causal, mask).shape == q.shape
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vlp_jax import checkpointing, experiment, peft, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.models import CLIP, create_model, layers
-from vlp_jax.models.layers import has_stacked_blocks, stack_blocks, unstack_blocks
+from vlp_jax.models.stacking import has_stacked_blocks, stack_blocks, unstack_blocks
 from vlp_jax.weights import convert, open_clip
 from vlp_jax.weights.state_dict import flatten
 

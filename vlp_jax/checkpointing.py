@@ -33,7 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlp_jax.config_lib import ConfigError, UserError
-from vlp_jax.models.layers import has_stacked_blocks, stack_blocks, unstack_blocks
+from vlp_jax.models.stacking import has_stacked_blocks, stack_blocks, unstack_blocks
 
 STATE_ITEM, DATA_ITEM = "state", "data"
 _MAX_LISTED_DIFFERENCES = 8

@@ -22,7 +22,8 @@ import jax
 import ml_collections
 
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.models.layers import STACKED_BLOCKS, Tuning
+from vlp_jax.models.layers import Tuning
+from vlp_jax.models.stacking import STACKED_BLOCKS
 
 TRAIN, FREEZE = "train", "freeze"
 

@@ -22,7 +22,7 @@ FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
 # Tensors smaller than this stay replicated under FSDP: splitting them saves nothing.
 FSDP_MIN_SIZE = 2**14
-# The path part of scanned blocks (models.layers.STACKED_BLOCKS; not imported, so that
+# The path part of scanned blocks (models.stacking.STACKED_BLOCKS; not imported, so that
 # the models can import this module).
 STACKED_BLOCKS = "resblocks"
 

@@ -38,7 +38,7 @@ from vlp_jax.methods.albef import Albef, MlmChoice, MlmPass
 from vlp_jax.methods.base import Batch, Extra, MethodContext, Metrics, Params, PredictFn
 from vlp_jax.models.agent import MaskingAgent
 from vlp_jax.models.albef import AlbefModel
-from vlp_jax.models.layers import compute_dtype
+from vlp_jax.models.platform import compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)

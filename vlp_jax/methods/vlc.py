@@ -45,8 +45,9 @@ from vlp_jax.methods.base import (
   PredictFn,
   dropout_rngs,
 )
-from vlp_jax.models.layers import compute_dtype, refuse_scan_layers
+from vlp_jax.models.platform import compute_dtype
 from vlp_jax.models.single_stream import MaeDecoder, SingleStream, SingleStreamEncoder
+from vlp_jax.models.stacking import refuse_scan_layers
 from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, decode_variant, normalize_pixels, patchify
 
 # ---------------------------------------------------------------- losses

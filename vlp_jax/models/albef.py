@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlp_jax.models import layers
+from vlp_jax.models import attention, layers, stacking
 from vlp_jax.models.bert import ACTIVATIONS, BertEmbeddings, BertLayer
 from vlp_jax.models.clip import l2_normalize, vit_options
 from vlp_jax.models.fusion import FusionLayer
 from vlp_jax.models.heads import ItmHead, MlmHead
-from vlp_jax.models.layers import remat_policy_name, with_remat
+from vlp_jax.models.platform import compute_dtype
+from vlp_jax.models.stacking import remat_policy_name, with_remat
 from vlp_jax.models.vit import VisionTransformer, decode_variant
 
 _INIT = nn.initializers.normal(0.02)  # BERT's initializer_range.
@@ -215,7 +216,7 @@ def create_albef_model(
   and config.albef (fusion_layer, temperature); ValueError naming a bad key. `platform`:
   the target mesh's (clip.create_model's)."""
   remat_policy_name(model_config.remat)
-  layers.refuse_scan_layers(model_config.get("scan_layers", False), "ALBEF's towers")
+  stacking.refuse_scan_layers(model_config.get("scan_layers", False), "ALBEF's towers")
   image_cfg, text_cfg = model_config.image, model_config.text
   if text_cfg.kind != "bert":
     raise ValueError(f"config.model.text.kind={text_cfg.kind!r}: ALBEF's text encoder is 'bert'")
@@ -251,8 +252,8 @@ def create_albef_model(
   shared = tuple(a for a in ACTIVATIONS if a in layers.ACTIVATIONS)  # Both towers know it.
   if activation not in shared:
     raise ValueError(f"config.model.activation={activation!r} is not one of {shared}")
-  dtype = layers.compute_dtype(model_config.dtype, platform)
-  layers.check_attention(
+  dtype = compute_dtype(model_config.dtype, platform)
+  attention.check_attention(
     model_config.attention,
     dtype,
     {"image": size.width // size.num_heads, "text": text_cfg.width // text_cfg.num_heads},

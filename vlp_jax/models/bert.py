@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models import layers
-from vlp_jax.models.layers import NO_TUNING, Tuning, with_remat
+from vlp_jax.models import attention, layers
+from vlp_jax.models.layers import NO_TUNING, Tuning
+from vlp_jax.models.stacking import with_remat
 
 POOLINGS = ("cls", "mean")
 
@@ -83,7 +84,7 @@ class BertLayer(nn.Module):
   def self_attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """LN(x + attention over x); mask (B, T) true at the tokens attention may look at."""
     batch, length, width = x.shape
-    attended = layers.dot_product_attention(
+    attended = attention.dot_product_attention(
       self._heads(x, "query", width),
       self._heads(x, "key", width),
       self._heads(x, "value", width),
@@ -157,7 +158,7 @@ class BertTextTower(nn.Module):
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   activation: str = "gelu"  # A key of ACTIVATIONS ("gelu" is exact, erf-based).
-  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
+  remat: bool | str = "none"  # A stacking.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   pad_id: int = 0

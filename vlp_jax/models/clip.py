@@ -11,15 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlp_jax.models.attention import check_attention
 from vlp_jax.models.bert import POOLINGS, BertTextTower
-from vlp_jax.models.layers import (
-  NO_TUNING,
-  Tuning,
-  check_attention,
-  compute_dtype,
-  refuse_scan_layers,
-  remat_policy_name,
-)
+from vlp_jax.models.layers import NO_TUNING, Tuning
+from vlp_jax.models.platform import compute_dtype
+from vlp_jax.models.stacking import refuse_scan_layers, remat_policy_name
 from vlp_jax.models.text import PAD_ID, TextTransformer
 from vlp_jax.models.vit import VisionTransformer, decode_variant
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from vlp_jax.models import layers
 from vlp_jax.models.bert import BertLayer
-from vlp_jax.models.layers import NO_TUNING, Tuning, with_remat
+from vlp_jax.models.layers import NO_TUNING, Tuning
+from vlp_jax.models.stacking import with_remat
 
 
 def information_flow(attention: jax.Array, values: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.models import layers
+from vlp_jax.models import attention, layers, stacking
 from vlp_jax.models.heads import ItmHead, MlmHead
 from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, VitSize, normalize_pixels
 
@@ -85,7 +85,7 @@ class MaskedAttention(nn.Module):
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
     # Not cuDNN: its key lengths assume trailing padding, and the text's padding sits
     # between the text and the image tokens.
-    out = layers.dot_product_attention(
+    out = attention.dot_product_attention(
       q,
       k,
       v,
@@ -146,7 +146,7 @@ class MaskedTransformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     out_std = x.shape[-1] ** -0.5 * (2 * self.depth) ** -0.5
-    block_cls = layers.with_remat(MaskedBlock, self.remat)
+    block_cls = stacking.with_remat(MaskedBlock, self.remat)
     for i in range(self.depth):
       x = block_cls(
         self.num_heads,

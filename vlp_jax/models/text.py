@@ -35,13 +35,13 @@ class TextTransformer(nn.Module):
   mlp_dim: int
   embed_dim: int
   activation: str = "gelu"
-  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
+  remat: bool | str = "none"  # A stacking.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   pad_id: int = PAD_ID  # The tokeniser's padding id; pooling skips trailing padding.
   # One nn.scan over stacked blocks (config.model.scan_layers; layers.Transformer).
   scan_layers: bool = False
-  attention: str = "auto"  # config.model.attention (layers.dot_product_attention).
+  attention: str = "auto"  # config.model.attention (attention.dot_product_attention).
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

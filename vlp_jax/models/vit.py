@@ -92,7 +92,7 @@ class VisionTransformer(nn.Module):
   mean: Sequence[float] = CLIP_MEAN
   std: Sequence[float] = CLIP_STD
   activation: str = "gelu"
-  remat: bool | str = "none"  # A layers.REMAT_POLICIES name.
+  remat: bool | str = "none"  # A stacking.REMAT_POLICIES name.
   dtype: jnp.dtype = jnp.float32
   tuning: Tuning = NO_TUNING  # Adapters / LoRA (config.peft).
   layer_norm_eps: float = LAYER_NORM_EPS  # Every layer norm's epsilon (timm: 1e-6).
@@ -101,7 +101,7 @@ class VisionTransformer(nn.Module):
   pool: str = "cls"  # One of POOLS: the class token, or the mean of the patch tokens.
   # One nn.scan over stacked blocks (config.model.scan_layers; layers.Transformer).
   scan_layers: bool = False
-  attention: str = "auto"  # config.model.attention (layers.dot_product_attention).
+  attention: str = "auto"  # config.model.attention (attention.dot_product_attention).
   # timm's drop_rate (after the position embeddings, attention output and MLP) and
   # attn_drop_rate (attention probabilities): config.model.image.dropout /
   # attention_dropout. Runs only where apply gets a "dropout" rng (layers.apply_dropout).

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vlp_jax.models.layers import unstack_blocks
+from vlp_jax.models.stacking import unstack_blocks
 from vlp_jax.weights import hf_clip, mapping, open_clip, timm_vit
 from vlp_jax.weights.mapping import Params
 from vlp_jax.weights.state_dict import (

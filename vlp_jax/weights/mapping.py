@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vlp_jax.models.layers import has_stacked_blocks, stack_blocks, unstack_blocks
+from vlp_jax.models.stacking import has_stacked_blocks, stack_blocks, unstack_blocks
 from vlp_jax.models.vit import VIT_SIZES
 from vlp_jax.weights.state_dict import (
   StateDict,

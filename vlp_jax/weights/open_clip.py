@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from vlp_jax.models.layers import unstack_blocks
+from vlp_jax.models.stacking import unstack_blocks
 from vlp_jax.weights import mapping
 from vlp_jax.weights.mapping import Params, Source
 from vlp_jax.weights.state_dict import WeightsError, flatten
