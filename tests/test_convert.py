@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.runs import fails_after
-from vlp_jax.input_pipeline import convert, pipeline, records, sources
+from vlp_jax.input_pipeline import convert, pipeline, prepare, records, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 40, 30
@@ -288,12 +288,12 @@ def test_open_image_scales_sixteen_bit_grey_instead_of_clipping():
 
 
 def test_resize_shorter_only_downscales_and_keeps_aspect():
-  big = convert.prepare_image(_jpeg(COLOURS[0], (80, 60)), resize_shorter=30)
+  big = prepare.prepare_image(_jpeg(COLOURS[0], (80, 60)), resize_shorter=30)
   assert Image.open(io.BytesIO(big)).size == (40, 30)
-  tall = convert.prepare_image(_encode(Image.new("RGB", (30, 90)), "PNG"), resize_shorter=20)
+  tall = prepare.prepare_image(_encode(Image.new("RGB", (30, 90)), "PNG"), resize_shorter=20)
   assert Image.open(io.BytesIO(tall)).size == (20, 60)
   small = _jpeg(COLOURS[0], (40, 30))
-  assert convert.prepare_image(small, resize_shorter=64) == small  # Kept, not upscaled.
+  assert prepare.prepare_image(small, resize_shorter=64) == small  # Kept, not upscaled.
 
 
 def test_an_unreadable_tar_is_named_and_the_rest_converted(tmp_path):
@@ -333,8 +333,8 @@ def test_a_fifo_swapped_in_after_the_type_check_cannot_block(tmp_path, monkeypat
   real_stat = os.stat
   # The check sees a regular file; by the time it is opened, the path names a FIFO.
   monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(regular if p == str(fifo) else p))
-  with fails_after(60), pytest.raises(convert.SampleError) as e:
-    convert.read_image_file(str(fifo), os.path.realpath(tmp_path), 1000)
+  with fails_after(60), pytest.raises(prepare.SampleError) as e:
+    prepare.read_image_file(str(fifo), os.path.realpath(tmp_path), 1000)
   assert e.value.reason == "image_not_a_regular_file"
 
 
