@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.runs import fails_after
-from vlp_jax.input_pipeline import convert, pipeline, prepare, records, sources
+from vlp_jax.input_pipeline import convert, image_ops, prepare, records, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 40, 30
@@ -43,7 +43,7 @@ def _raw(dst) -> list[bytes]:
 
 
 def _mean_colour(record: dict) -> np.ndarray:
-  return np.asarray(pipeline.open_image(record["image"]), np.float32).mean(axis=(0, 1))
+  return np.asarray(image_ops.open_image(record["image"]), np.float32).mean(axis=(0, 1))
 
 
 def _assert_colour(record: dict, colour, tolerance: float = 6) -> None:
@@ -181,7 +181,7 @@ def test_tfds_coco_style_nested_captions(tmp_path):
   assert [r["caption"] for r in got] == [[f"image {i}", f"picture {i}"] for i in range(3)]
   for record, colour in zip(got, COLOURS):
     # TFDS stores PNG: RGB PNG bytes are kept, so the pixels are exact.
-    np.testing.assert_array_equal(np.asarray(pipeline.open_image(record["image"]))[0, 0], colour)
+    np.testing.assert_array_equal(np.asarray(image_ops.open_image(record["image"]))[0, 0], colour)
 
 
 def test_arrow_tables_and_a_corrupt_arrow_file_named(tmp_path):
@@ -268,7 +268,7 @@ def test_bad_samples_are_skipped_by_reason_and_odd_images_become_correct_rgb(tmp
   for record in got.values():
     image = Image.open(io.BytesIO(record["image"]))
     assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (W, H))
-  alpha = np.asarray(pipeline.open_image(got["alpha"]["image"]), np.float32)
+  alpha = np.asarray(image_ops.open_image(got["alpha"]["image"]), np.float32)
   np.testing.assert_allclose(alpha[:, : W // 2 - 2].mean(axis=(0, 1)), (200, 0, 0), atol=6)
   np.testing.assert_allclose(alpha[:, W // 2 + 2 :].mean(axis=(0, 1)), (255, 255, 255), atol=6)
   _assert_colour(got["palette"], COLOURS[1])
@@ -284,7 +284,7 @@ def test_bad_samples_are_skipped_by_reason_and_odd_images_become_correct_rgb(tmp
 
 def test_open_image_scales_sixteen_bit_grey_instead_of_clipping():
   data = _encode(Image.fromarray(np.full((H, W), 1000, np.uint16)), "PNG")
-  assert np.asarray(pipeline.open_image(data))[0, 0].tolist() == [4, 4, 4]  # 1000 / 257
+  assert np.asarray(image_ops.open_image(data))[0, 0].tolist() == [4, 4, 4]  # 1000 / 257
 
 
 def test_resize_shorter_only_downscales_and_keeps_aspect():

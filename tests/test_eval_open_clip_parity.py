@@ -13,7 +13,7 @@ open_clip's merges, the Embedder on the 8-device mesh), the tasks, the result JS
 Compared: every image and text embedding (1e-5), the zero-shot logits, and every metric.
 The images are JPEG and PNG (RGB, grey, palette), square and not, smaller and larger than
 the model's input, so the preprocessing (resize of the shorter side, center crop, bicubic)
-is compared too. Not RGBA: we composite transparency on white (pipeline.to_rgb), PIL's
+is compared too. Not RGBA: we composite transparency on white (image_ops.to_rgb), PIL's
 convert("RGB") on their side drops the alpha channel. The test checks that no positive is
 nearly tied with another score, so the tie-breaking of the two sides (torch.topk's order
 vs ours by index) never decides: the metrics are equal, not merely close.

@@ -13,7 +13,7 @@ import pytest
 
 from tests.runs import small_builtin, small_tokenizer, take, train_dataset
 from vlp_jax import losses
-from vlp_jax.input_pipeline import builtin, negatives, pipeline, records
+from vlp_jax.input_pipeline import builtin, image_ops, negatives, pipeline, records
 from vlp_jax.methods import contrastive, negclip
 
 # ---------------------------------------------------------------- taggers and swaps
@@ -383,7 +383,7 @@ def _record_images(shards) -> np.ndarray:
 
   source = grain.sources.ArrayRecordDataSource(list(shards))
   return np.stack(
-    [pipeline.decode_pixels(records.decode_record(source[i])["image"]) for i in range(len(source))]
+    [image_ops.decode_pixels(records.decode_record(source[i])["image"]) for i in range(len(source))]
   )
 
 
@@ -488,10 +488,12 @@ def test_hard_image_and_caption_are_the_neighbour_record(data, tokenizer):
   source = grain.sources.ArrayRecordDataSource(list(data.train_shards))
   for row in range(8):
     record = records.decode_record(source[int(spec.neighbours[batch["index"][row]])])
-    np.testing.assert_array_equal(batch["hard_image"][row], pipeline.decode_pixels(record["image"]))
+    np.testing.assert_array_equal(
+      batch["hard_image"][row], image_ops.decode_pixels(record["image"])
+    )
     np.testing.assert_array_equal(batch["hard_tokens"][row], tokenizer(record["captions"])[0])
     own = records.decode_record(source[int(batch["index"][row])])
-    np.testing.assert_array_equal(batch["image"][row], pipeline.decode_pixels(own["image"]))
+    np.testing.assert_array_equal(batch["image"][row], image_ops.decode_pixels(own["image"]))
 
 
 def test_negclip_pipeline_resumes_exactly(data, tokenizer):

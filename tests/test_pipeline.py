@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.runs import small_builtin, small_tokenizer, take, train_dataset
-from vlp_jax.input_pipeline import builtin, pipeline, records
+from vlp_jax.input_pipeline import builtin, image_ops, pipeline, records
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_images_of_any_mode_decode_to_rgb(make_image):
   buffer = io.BytesIO()
   image = make_image()
   image.save(buffer, format="JPEG" if image.mode == "CMYK" else "PNG")
-  decoded = pipeline.open_image(buffer.getvalue())
+  decoded = image_ops.open_image(buffer.getvalue())
   assert decoded.mode == "RGB" and decoded.size == (20, 30)
   if image.mode == "RGBA":  # fully transparent -> white, not the hidden red
     assert decoded.getpixel((0, 0)) == (255, 255, 255)
@@ -215,12 +215,12 @@ def _smooth_picture(height: int, width: int) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
 def test_fast_jpeg_decode_matches_pil(mode):
   data = _jpeg(_smooth_picture(96, 128), mode)
-  reference = np.asarray(pipeline.open_image(data), np.float32)
-  pixels = pipeline.decode_pixels(data)
+  reference = np.asarray(image_ops.open_image(data), np.float32)
+  pixels = image_ops.decode_pixels(data)
   assert pixels.shape == (96, 128, 3) and pixels.dtype == np.uint8
   assert np.abs(pixels - reference).mean() < 2
   # A 4x smaller crop target lets the decoder shrink by 4 in the DCT.
-  small = pipeline.decode_pixels(data, max_shrink=4.5)
+  small = image_ops.decode_pixels(data, max_shrink=4.5)
   if mode == "CMYK":  # PIL's path: no DCT scaling, full size
     assert small.shape == (96, 128, 3)
   else:
@@ -233,29 +233,29 @@ def test_oversized_and_truncated_jpegs_are_refused_from_the_header():
   data = bytearray(_jpeg(_smooth_picture(16, 16)))
   sof = data.index(b"\xff\xc0")
   data[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2  # height, width
-  with pytest.raises(pipeline.ImageError, match="30000x30000"):
-    pipeline.image_dimensions(bytes(data))
-  with pytest.raises(pipeline.ImageError, match="30000x30000"):
-    pipeline.decode_pixels(bytes(data))
+  with pytest.raises(image_ops.ImageError, match="30000x30000"):
+    image_ops.image_dimensions(bytes(data))
+  with pytest.raises(image_ops.ImageError, match="30000x30000"):
+    image_ops.decode_pixels(bytes(data))
   good = _jpeg(_smooth_picture(64, 64))
-  with pytest.raises(pipeline.ImageError):
-    pipeline.decode_pixels(good[: len(good) // 2])
+  with pytest.raises(image_ops.ImageError):
+    image_ops.decode_pixels(good[: len(good) // 2])
 
 
 def test_train_crops_resize_the_chosen_box():
   # Left half black, right half white: a crop of the right half must come out white.
   pixels = np.zeros((64, 128, 3), np.uint8)
   pixels[:, 64:] = 255
-  out = pipeline.crop_resize_pixels(pixels, (70, 0, 128, 64), 32)
+  out = image_ops.crop_resize_pixels(pixels, (70, 0, 128, 64), 32)
   assert out.shape == (32, 32, 3) and out.min() == 255
-  out = pipeline.crop_resize_pixels(pixels, (0, 0, 128, 64), 16)  # 4x shrink: area filter
+  out = image_ops.crop_resize_pixels(pixels, (0, 0, 128, 64), 16)  # 4x shrink: area filter
   assert out[:, :7].max() == 0 and out[:, 9:].min() == 255
 
 
 def test_random_resized_crop_stays_inside_the_image():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    left, top, right, bottom = pipeline.random_resized_crop_box(50, 30, rng, (0.08, 1.0))
+    left, top, right, bottom = image_ops.random_resized_crop_box(50, 30, rng, (0.08, 1.0))
     assert 0 <= left < right <= 50 and 0 <= top < bottom <= 30
 
 

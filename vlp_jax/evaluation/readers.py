@@ -29,7 +29,7 @@ from absl import logging
 from PIL import Image
 
 from vlp_jax.evaluation.embedding import DataError, ImageRef, ImageSource, RecordImage
-from vlp_jax.input_pipeline import image_files, pipeline, records, task_data
+from vlp_jax.input_pipeline import image_files, image_ops, records, task_data
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # what CLIP_benchmark's wds reader takes
@@ -209,8 +209,8 @@ def read_record_retrieval(shards: Sequence[str], max_captions: int, name: str) -
   for index in range(len(source)):
     try:
       record = records.decode_record(source[index])
-      pipeline.check_image(record["image"])  # A truncated body must not stop the run later.
-    except (records.RecordError, pipeline.ImageError) as e:
+      image_ops.check_image(record["image"])  # A truncated body must not stop the run later.
+    except (records.RecordError, image_ops.ImageError) as e:
       logging.warning("Skipping eval record %d: %s", index, e)
       skipped += 1
       continue

@@ -8,7 +8,7 @@ r"""Converts image-text data into the ArrayRecord shards the trainer reads.
       --tfds_data_dir=~/tensorflow_datasets --split=val --dst=/data/coco_val_ar
 
 Every sample is validated and normalised on the way: the image must decode completely, is
-refused from its header when it has more than pipeline.MAX_IMAGE_PIXELS pixels, and is
+refused from its header when it has more than image_ops.MAX_IMAGE_PIXELS pixels, and is
 stored as RGB (alpha composited on white, CMYK, palette, grey and 16-bit converted,
 re-encoded as JPEG); RGB JPEG/PNG/WebP bytes that need no resize are kept as they are.
 Captions and keys must be non-empty UTF-8. Image files named by path are read only when

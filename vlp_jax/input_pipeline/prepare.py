@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlp_jax.input_pipeline import image_files, pipeline
+from vlp_jax.input_pipeline import image_files, image_ops
 
 # Encoded bytes of these formats are kept as they are when already RGB and not resized.
 _KEPT_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -78,7 +78,7 @@ def prepare_image(data: bytes, resize_shorter: int = 0, jpeg_quality: int = 95) 
     raise SampleError("undecodable_image", str(e)) from e
   width, height = image.size
   # Only the header has been read so far: a decompression bomb is refused before decoding.
-  if width * height > pipeline.MAX_IMAGE_PIXELS:
+  if width * height > image_ops.MAX_IMAGE_PIXELS:
     raise SampleError("image_too_large", f"{width}x{height} pixels")
   if not width or not height:
     raise SampleError("undecodable_image", f"{width}x{height} pixels")
@@ -97,7 +97,7 @@ def prepare_image(data: bytes, resize_shorter: int = 0, jpeg_quality: int = 95) 
       return data
     if target is not None and image.format == "JPEG":
       image.draft(None, target)  # Decode at the smallest DCT scale still >= the target.
-    image = pipeline.to_rgb(image)
+    image = image_ops.to_rgb(image)
     if target is not None:
       image = image.resize(target, Image.BICUBIC)
   except (OSError, ValueError, SyntaxError) as e:
