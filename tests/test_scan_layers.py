@@ -14,7 +14,7 @@ from vlp_jax import checkpointing, experiment, peft, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.models import CLIP, create_model, layers
 from vlp_jax.models.stacking import has_stacked_blocks, stack_blocks, unstack_blocks
-from vlp_jax.weights import convert, open_clip
+from vlp_jax.weights import convert, loader, open_clip
 from vlp_jax.weights.state_dict import flatten
 
 
@@ -176,7 +176,7 @@ def test_open_clip_import_into_scanned_model_equals_the_unrolled_import_stacked(
     ("scanned", stacked, unrolled, unrolled),
   ):
     convert.save_params(str(tmp_path / name), saved, {"model": fields, "new_params": []})
-    loaded = convert.load_tower_params("model", str(tmp_path / name), template)
+    loaded = loader.load_tower_params("model", str(tmp_path / name), template)
     assert_trees_equal(loaded, expected)
 
 

@@ -21,7 +21,7 @@ open_clip_lib = pytest.importorskip("open_clip")
 
 from vlp_jax.models import CLIP, TextTransformer, VisionTransformer, decode_variant  # noqa: E402
 from vlp_jax.models.layers import Tuning  # noqa: E402
-from vlp_jax.weights import convert, hf_clip, mapping, open_clip, timm_vit  # noqa: E402
+from vlp_jax.weights import convert, hf_clip, loader, mapping, open_clip, timm_vit  # noqa: E402
 from vlp_jax.weights.state_dict import WeightsError, flatten, read_state_dict  # noqa: E402
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
@@ -383,9 +383,9 @@ def test_convert_cli_round_trip(small, tmp_path, capsys):
   template = zeros_template(model)
   expected = open_clip.import_open_clip(state_dict, template)
   for path in (dst, src, str(src_dir)):
-    loaded = convert.load_pretrained(path, template)
+    loaded = loader.load_pretrained(path, template)
     jax.tree.map(np.testing.assert_array_equal, loaded, expected)
-  image_only = convert.load_tower_params("image", dst, template)
+  image_only = loader.load_tower_params("image", dst, template)
   jax.tree.map(np.testing.assert_array_equal, image_only["visual"], expected["visual"])
   jax.tree.map(np.testing.assert_array_equal, image_only["text"], template["text"])
 
@@ -397,7 +397,7 @@ def test_convert_cli_round_trip(small, tmp_path, capsys):
     manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
   (workdir / "config.json").write_text(json.dumps({"model": info["model"], "peft": {}}))
-  text_only = convert.load_tower_params("text", str(workdir), template)
+  text_only = loader.load_tower_params("text", str(workdir), template)
   jax.tree.map(np.testing.assert_array_equal, text_only["text"], expected["text"])
   jax.tree.map(np.testing.assert_array_equal, text_only["visual"], template["visual"])
 
@@ -476,7 +476,7 @@ def test_hf_clip_import_matches_embeddings(tmp_path):
   reference.save_pretrained(str(tmp_path / "hf"))
   info = convert.convert("auto", str(tmp_path / "hf"), str(tmp_path / "converted"))
   assert info["source"] == "hf_clip" and info["model"] == fields
-  loaded = convert.load_pretrained(str(tmp_path / "converted"), zeros_template(model))
+  loaded = loader.load_pretrained(str(tmp_path / "converted"), zeros_template(model))
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -540,7 +540,7 @@ def test_mae_checkpoint_into_clip(tmp_path):
     ),
   )
   template = zeros_template(clip)
-  params = convert.load_tower_params("image", path, template)
+  params = loader.load_tower_params("image", path, template)
   jax.tree.map(np.testing.assert_array_equal, params["text"], template["text"])
   np.testing.assert_array_equal(params["visual"]["proj"], template["visual"]["proj"])
   pix = pixels(32)
@@ -551,7 +551,7 @@ def test_mae_checkpoint_into_clip(tmp_path):
   info = convert.convert("timm", path, str(tmp_path / "converted"))
   assert info["new_params"] == ["visual/proj"]
   for kind in ("image", "model"):  # "model": every part it has, here the image tower.
-    again = convert.load_tower_params(kind, str(tmp_path / "converted"), template)
+    again = loader.load_tower_params(kind, str(tmp_path / "converted"), template)
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
   # A model built with the wrong pooling for the checkpoint is told so.

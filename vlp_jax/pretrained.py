@@ -18,7 +18,7 @@ from absl import logging
 from vlp_jax.config_lib import ConfigError
 
 FORMATS = ("open_clip", "hf_clip", "timm", "hf_bert")
-# Config key -> which part of the model it initialises (weights.convert.KINDS).
+# Config key -> which part of the model it initialises (weights.loader.KINDS).
 INIT_KEYS = {"model.init": "model", "model.image.init": "image", "model.text.init": "text"}
 
 
@@ -65,7 +65,7 @@ def text_vocab_file(specs: list[InitSpec]) -> str | None:
 
 def load(specs: list[InitSpec], params: Any) -> Any:
   """`params` (host arrays) with the parts each spec names replaced by its weights."""
-  from vlp_jax.weights import convert, hf_bert
+  from vlp_jax.weights import hf_bert, loader
 
   for spec in specs:
     logging.info("Initialising %s from %s (%s)", spec.kind, spec.path, spec.key)
@@ -73,7 +73,7 @@ def load(specs: list[InitSpec], params: Any) -> Any:
       if spec.source == "hf_bert":
         params = {**params, "text": hf_bert.import_hf_bert(spec.path, params["text"])}
       else:
-        params = convert.load_tower_params(spec.kind, spec.path, params, source=spec.source)
+        params = loader.load_tower_params(spec.kind, spec.path, params, source=spec.source)
     except (ValueError, OSError) as e:
       raise ConfigError(f"{spec.key}: {e}") from e
   return params

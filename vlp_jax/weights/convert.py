@@ -1,4 +1,4 @@
-"""Pretrained checkpoints <-> vlp_jax parameters, and the loader the trainer calls.
+"""Pretrained checkpoints <-> vlp_jax parameters (the trainer's loader: weights/loader.py).
 
   python -m vlp_jax.weights.convert --from=open_clip --src=ViT-B-32.safetensors --dst=DIR
   python -m vlp_jax.weights.convert --from=hf_clip --src=clip-vit-base-patch32/ --dst=DIR
@@ -7,8 +7,9 @@
 
 A converted DIR holds the parameters as an orbax checkpoint (DIR/params) and
 DIR/vlp_jax_weights.json: the config.model fields the checkpoint needs (printed too), the
-source, and which parameters the source did not provide. `load_tower_params` reads such a
-directory, a training run's workdir, or a raw open_clip / Hugging Face / timm checkpoint.
+source, and which parameters the source did not provide. `loader.load_tower_params` reads
+such a directory, a training run's workdir, or a raw open_clip / Hugging Face / timm
+checkpoint.
 Exported to a directory, a run also gets open_clip_config.json: its model, its pixel
 statistics and eval preprocessing, and its tokenizer (open_clip.save_open_clip).
 """
@@ -26,13 +27,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from vlp_jax.models.stacking import unstack_blocks
 from vlp_jax.weights import hf_clip, mapping, open_clip, timm_vit
 from vlp_jax.weights.mapping import Params
 from vlp_jax.weights.state_dict import (
-  StateDictReader,
   WeightsError,
-  fill_params,
   flatten,
   read_state_dict,
   unflatten,
@@ -45,8 +43,6 @@ RUN_CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
 SOURCES = ("open_clip", "hf_clip", "timm")
-# load_tower_params kinds -> the top-level parameter entries they replace.
-KINDS = {"model": None, "image": ("visual",), "text": ("text",)}
 
 
 def detect_source(state_dict: Mapping[str, Any]) -> str:
@@ -170,7 +166,7 @@ def read_info(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _run_checkpoint_dir(path: str) -> str | None:
+def run_checkpoint_dir(path: str) -> str | None:
   """The orbax checkpoints directory of a training workdir (or the directory itself)."""
   for candidate in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(candidate) and any(
@@ -217,7 +213,7 @@ def read_params(path: str) -> tuple[Params, dict[str, Any]]:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)))
     return jax.tree.map(np.asarray, params), read_info(path)
-  checkpoints = _run_checkpoint_dir(path)
+  checkpoints = run_checkpoint_dir(path)
   if checkpoints is None:
     raise WeightsError(
       f"{path!r} is neither a converted directory ({INFO_FILE}) nor a training run"
@@ -232,90 +228,6 @@ def read_params(path: str) -> tuple[Params, dict[str, Any]]:
     with open(os.path.join(workdir, TOKENIZER_FILE)) as f:
       info["tokenizer"] = json.load(f)
   return _restore_run_params(checkpoints), info
-
-
-# ---------------------------------------------------------------- the trainer's loader
-
-
-def load_tower_params(kind: str, path: str, template: Params, *, source: str = "auto") -> Params:
-  """`template` (our CLIP's parameters) with one part replaced by pretrained values.
-
-  kind: "model" (every part the checkpoint has: a timm / MAE checkpoint only has the
-  image tower), "image" (params["visual"]) or "text" (params["text"]). path: a directory written by this module's converter, a training
-  run's workdir (its newest checkpoint), or a raw checkpoint: an open_clip, Hugging Face
-  CLIPModel or timm / MAE ViT file or model directory (`source` "auto" detects which).
-  Adapters / LoRA factors, parameters the source never has (timm: visual/proj, text
-  tower) and, for "image" / "text", everything outside that part keep the template's
-  values; every other missing, mis-shaped or unused parameter raises a WeightsError that
-  names them. Returns a new tree: NumPy arrays where loaded, the template's leaves
-  elsewhere (place it with jax.device_put and the state's shardings), in the template's
-  block layout (scanned or not, config.model.scan_layers) whatever the source's.
-  """
-  if kind not in KINDS:
-    raise ValueError(f"kind {kind!r} is not one of {tuple(KINDS)}")
-  if isinstance(template, Mapping) and "params" in template and len(template) == 1:
-    template = template["params"]
-  return mapping.in_unrolled_layout(
-    template, lambda unrolled: _load_tower_params(kind, path, unrolled, source)
-  )
-
-
-def _load_tower_params(kind: str, path: str, template: Params, source: str) -> Params:
-  parts = KINDS[kind] or tuple(template)
-  missing = [p for p in parts if p not in template]
-  if missing:
-    raise WeightsError(f"the model has no {missing} to load into (kind={kind!r})")
-  if os.path.isfile(os.path.join(path, INFO_FILE)) or _run_checkpoint_dir(path):
-    saved, info = read_params(path)
-    saved = unstack_blocks(saved)  # A run trained with config.model.scan_layers.
-    if kind == "model":  # The parts the checkpoint has (+ SigLIP's logit_bias, see below).
-      parts = tuple(p for p in template if p in saved or p == "logit_bias")
-      if left := sorted(set(template) - set(parts)):
-        logging.info("%s has no %s: they keep the template's values", path, left)
-    sub = {p: template[p] for p in parts}
-    loaded = _fill_from_tree(sub, saved, info, path=path, whole=kind == "model")
-  else:
-    sub = {p: template[p] for p in parts}
-    state_dict = read_state_dict(path)
-    found = detect_source(state_dict) if source == "auto" else source
-    loaded = import_checkpoint(found, state_dict, sub)
-    logging.info("Loaded %s from the %s checkpoint %s", "/".join(parts), found, path)
-  return {**template, **loaded}
-
-
-def load_pretrained(path: str, template: Params, *, source: str = "auto") -> Params:
-  """load_tower_params("model", path, template): the whole model's pretrained values."""
-  return load_tower_params("model", path, template, source=source)
-
-
-def _fill_from_tree(
-  template: Params, saved: Params, info: Mapping[str, Any], *, path: str, whole: bool
-) -> Params:
-  """`template` with each parameter taken from the same path of `saved` (ours)."""
-  flat_saved = flatten(saved)
-  reader = StateDictReader(flat_saved, f"checkpoint {path}")
-  # Parameters the source did not have; logit_bias: a SigLIP model from a CLIP checkpoint.
-  new_params = {*info.get("new_params", ()), "logit_bias"}
-  parts = set(template)
-  values = {}
-  for key in flatten(template):
-    # Adapters / LoRA factors load when the checkpoint has them (a PEFT run), else stay.
-    if key not in flat_saved and (mapping.is_tuning(key) or key in new_params):
-      continue
-    values[key] = reader.get(key)
-
-  def ignore(key: str) -> bool:  # Parts of the checkpoint this kind does not load.
-    return not whole and key.split("/")[0] not in parts
-
-  params = fill_params(
-    template,
-    values,
-    reader=reader,
-    allow_missing=lambda key: mapping.is_tuning(key) or key in new_params,
-    ignore_unused=ignore,
-  )
-  logging.info("Loaded %s from %s", "/".join(sorted(parts)), path)
-  return params
 
 
 # ---------------------------------------------------------------- command line
