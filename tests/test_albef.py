@@ -15,7 +15,7 @@ import pytest
 from tests.runs import compilation_cache, crash_after_logged_step, logged_losses
 from vlp_jax import experiment, losses, sharding
 from vlp_jax.evaluation import rerank, retrieval
-from vlp_jax.methods import MethodContext, albef, buffers
+from vlp_jax.methods import MethodContext, albef, albef_parts, buffers
 from vlp_jax.models.albef import MOMENTUM_PARTS, AlbefModel
 
 BATCH = 8
@@ -65,7 +65,7 @@ def test_itm_negatives_never_pick_the_positive_or_an_excluded_row():
   sim_i2t = jnp.asarray(rng.normal(size=(6, 6 + 10)), jnp.float32)  # batch + queue columns
   sim_t2i = jnp.asarray(rng.normal(size=(6, 6 + 10)), jnp.float32)
   exclude = jnp.asarray(rng.random((6, 6)) < 0.3)
-  draw = jax.jit(jax.vmap(lambda key: albef.itm_negatives(key, sim_i2t, sim_t2i, exclude)))
+  draw = jax.jit(jax.vmap(lambda key: albef_parts.itm_negatives(key, sim_i2t, sim_t2i, exclude)))
   images, texts = (np.asarray(x) for x in draw(jax.random.split(jax.random.PRNGKey(0), 4000)))
   banned = np.asarray(exclude) | np.eye(6, dtype=bool)
   for drawn, sim in ((images, sim_t2i), (texts, sim_i2t)):
@@ -91,7 +91,7 @@ def test_itm_negatives_never_draw_what_albefs_softmax_gives_no_weight():
   sim[np.arange(rows), near] = 2.0
   sim[np.arange(rows), next_near] = 1.0
   sim = jnp.asarray(sim)
-  draw = jax.jit(jax.vmap(lambda key: albef.itm_negatives(key, sim, sim)[0]))
+  draw = jax.jit(jax.vmap(lambda key: albef_parts.itm_negatives(key, sim, sim)[0]))
   drawn = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 1000)))
   assert np.isin(drawn - np.arange(rows), [1, 2, 1 - rows, 2 - rows]).all()
   share_near = np.mean(drawn == near)
@@ -105,16 +105,16 @@ def test_queue_warmup_leaves_the_queue_out_of_ita():
   filled = buffers.FeatureQueue(jnp.asarray(unit(8, 8), jnp.float32), jnp.int32(4), jnp.int32(4))
   empty = filled.replace(filled=jnp.int32(0))
   args = (jnp.float32(0.07), jnp.float32(0.4))
-  with_queue = albef.ita_loss(*feats, filled, filled, *args)[0]
-  warming_up = albef.ita_loss(*feats, filled, filled, *args, use_queue=False)[0]
-  batch_only = albef.ita_loss(*feats, empty, empty, *args)[0]
+  with_queue = albef_parts.ita_loss(*feats, filled, filled, *args)[0]
+  warming_up = albef_parts.ita_loss(*feats, filled, filled, *args, use_queue=False)[0]
+  batch_only = albef_parts.ita_loss(*feats, empty, empty, *args)[0]
   assert float(warming_up) == float(batch_only) != float(with_queue)
 
 
 def test_alpha_ramps_linearly_over_the_configured_steps():
-  values = [float(albef.alpha_at(jnp.int32(s), 0.4, 10)) for s in (0, 1, 5, 10, 11, 500)]
+  values = [float(albef_parts.alpha_at(jnp.int32(s), 0.4, 10)) for s in (0, 1, 5, 10, 11, 500)]
   np.testing.assert_allclose(values, [0.0, 0.04, 0.2, 0.4, 0.4, 0.4], rtol=1e-6)
-  assert float(albef.alpha_at(jnp.int32(0), 0.4, 0)) == pytest.approx(0.4)
+  assert float(albef_parts.alpha_at(jnp.int32(0), 0.4, 0)) == pytest.approx(0.4)
 
 
 def test_temperature_clamp_holds_and_passes_gradient():
@@ -167,7 +167,7 @@ def test_mlm_loss_on_gathered_positions_equals_the_full_loss():
 
   def gathered(capacity):
     positions, kept = losses.masked_positions(jnp.asarray(selected), capacity)
-    take = lambda x: albef.gather_rows(x, positions)  # noqa: E731
+    take = lambda x: albef_parts.gather_rows(x, positions)  # noqa: E731
     return positions, kept, losses.mlm_loss(take(logits), take(targets), kept, take(soft), 0.4)
 
   for capacity in (count, count + 5):  # Every selected position kept: the same loss.
@@ -177,7 +177,7 @@ def test_mlm_loss_on_gathered_positions_equals_the_full_loss():
     np.testing.assert_allclose(float(loss), float(full), rtol=1e-6)
     np.testing.assert_allclose(metrics["mlm_accuracy"], full_metrics["mlm_accuracy"], rtol=1e-6)
     # Scattered back, the kept positions are exactly the selected ones.
-    back = albef.scatter_rows(kept, positions, kept, (rows, length))
+    back = albef_parts.scatter_rows(kept, positions, kept, (rows, length))
     np.testing.assert_array_equal(np.asarray(back), selected)
   # A cap below the count keeps the first `capacity` in row-major order (BERT's
   # max_predictions_per_seq): the loss over just those.
@@ -277,7 +277,7 @@ class FixedChoices(albef.Albef):
     return jnp.asarray(self.fixed[0]), jnp.asarray(self.fixed[1])
 
   def select_mlm(self, params, extra, batch, rng, step, text_states, image_tokens):
-    return albef.MlmChoice(jnp.asarray(self.fixed[2]), jnp.asarray(self.fixed[3]))
+    return albef_parts.MlmChoice(jnp.asarray(self.fixed[2]), jnp.asarray(self.fixed[3]))
 
 
 def _log_softmax(x):
@@ -317,7 +317,7 @@ def _reference_loss(method, params, extra, batch, fixed, step, ema):
   mask = tokens != 0
   neg_images, neg_texts, inputs, selected = fixed
   temp = float(online["temp"])
-  alpha = float(albef.alpha_at(jnp.int32(step), method.alpha, method.alpha_ramp_steps))
+  alpha = float(albef_parts.alpha_at(jnp.int32(step), method.alpha, method.alpha_ramp_steps))
   image_tokens, image_feat = call(online, images, method=AlbefModel.encode_image)
   text_states, text_feat = call(online, tokens, method=AlbefModel.encode_text)
   image_tokens_m, image_feat_m = call(momentum, images, method=AlbefModel.encode_image)

@@ -37,11 +37,19 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import optax
 
 from vlp_jax import losses, pretrained
 from vlp_jax.masking import text as text_masking
 from vlp_jax.methods import buffers
+from vlp_jax.methods.albef_parts import (
+  Encoded,
+  MlmChoice,
+  MlmPass,
+  alpha_at,
+  ita_loss,
+  itm_and_mlm,
+  predict_fns,
+)
 from vlp_jax.methods.base import (
   Batch,
   Extra,
@@ -53,119 +61,6 @@ from vlp_jax.methods.base import (
   dropout_rngs,
 )
 from vlp_jax.models.albef import MOMENTUM_PARTS, AlbefModel, create_albef_model
-
-# A logit no softmax weight survives (finite, so 0 * it stays 0 in the soft targets).
-_EXCLUDED = -1e9
-
-
-@dataclasses.dataclass(frozen=True)
-class MlmChoice:
-  """What `select_mlm` decided: the encoder's input ids, the positions predicted, and
-  anything `mlm_feedback` needs later (e.g. an agent's log-probability)."""
-
-  inputs: jax.Array  # (B, T) int32: the caption with the chosen tokens replaced.
-  selected: jax.Array  # (B, T) bool: the positions the MLM loss is taken over.
-  aux: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class MlmPass:
-  """The MLM forward pass, for `mlm_feedback`: the fusion layers' information flow into
-  every token (L, B, T) (models.fusion.information_flow), the positions the head
-  predicted (B, T) (the selected ones up to `Albef.mlm_capacity`), the per-token
-  cross-entropy (B, T) against the original ids there (0 elsewhere), the loss and the
-  accuracy over the predicted positions."""
-
-  flows: jax.Array
-  predicted: jax.Array
-  token_loss: jax.Array
-  loss: jax.Array
-  accuracy: jax.Array
-
-
-def ita_loss(
-  image_feat: jax.Array,
-  text_feat: jax.Array,
-  image_feat_m: jax.Array,
-  text_feat_m: jax.Array,
-  image_queue: buffers.FeatureQueue,
-  text_queue: buffers.FeatureQueue,
-  temperature: jax.Array,
-  alpha: jax.Array,
-  use_queue: jax.Array | bool = True,
-) -> tuple[jax.Array, Metrics, jax.Array, jax.Array]:
-  """ALBEF's contrastive loss with momentum distillation, on unit features (B, E).
-
-  Each online image is scored against [momentum texts of the batch; text queue] (and
-  each text against the images alike), divided by the temperature; its targets are
-  alpha * softmax(the momentum image's scores) + (1 - alpha) * one-hot(own caption).
-  `use_queue` false leaves the queue out (config.albef.queue_warmup_steps).
-  Returns (loss, metrics, i2t logits (B, B + Q), t2i logits (B, B + Q)).
-  """
-  rows = image_feat.shape[0]
-  allowed = jnp.concatenate([jnp.ones((rows,), bool), text_queue.valid() & use_queue])
-  allowed_images = jnp.concatenate([jnp.ones((rows,), bool), image_queue.valid() & use_queue])
-  text_all = jnp.concatenate([text_feat_m, text_queue.features.astype(text_feat_m.dtype)])
-  image_all = jnp.concatenate([image_feat_m, image_queue.features.astype(image_feat_m.dtype)])
-
-  def logits(queries: jax.Array, keys: jax.Array, valid: jax.Array) -> jax.Array:
-    return jnp.where(valid[None], queries @ keys.T / temperature, _EXCLUDED)
-
-  sim_i2t = logits(image_feat, text_all, allowed)
-  sim_t2i = logits(text_feat, image_all, allowed_images)
-  hard = jax.nn.one_hot(jnp.arange(rows), sim_i2t.shape[1], dtype=jnp.float32)
-  # The momentum scores use the same (online) temperature, behind stop_gradient.
-  soft_i2t = jax.nn.softmax(logits(image_feat_m, text_all, allowed), axis=-1)
-  soft_t2i = jax.nn.softmax(logits(text_feat_m, image_all, allowed_images), axis=-1)
-  targets_i2t, targets_t2i = jax.lax.stop_gradient(
-    (alpha * soft_i2t + (1 - alpha) * hard, alpha * soft_t2i + (1 - alpha) * hard)
-  )
-
-  def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits, axis=-1) * targets, axis=-1))
-
-  loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
-  accuracy = jnp.mean((jnp.argmax(sim_i2t, axis=-1) == jnp.arange(rows)).astype(jnp.float32))
-  return loss, {"ita_loss": loss, "ita_i2t_accuracy": accuracy}, sim_i2t, sim_t2i
-
-
-def itm_negatives(
-  rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array, exclude: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-  """(negative image per text (B,), negative text per image (B,)), each drawn from
-  softmax(row of the batch logits) with the positive and `exclude` (B, B) left out, as
-  ALBEF's models/model_pretrain.py (softmax(sim[:, :bs]), diagonal zeroed,
-  torch.multinomial). Drawn from the logits (losses.sample_negatives), so no row's
-  probabilities underflow to all zeros and nothing needs an epsilon: a row with nothing
-  left to draw gets its own index."""
-  rows = sim_i2t.shape[0]
-  image_rng, text_rng = jax.random.split(rng)
-  negative_images = losses.sample_negatives(image_rng, sim_t2i[:, :rows], exclude)
-  negative_texts = losses.sample_negatives(text_rng, sim_i2t[:, :rows], exclude)
-  return negative_images, negative_texts
-
-
-def gather_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
-  """x (B, T, ...) at flat positions (K,) into B x T: (K, ...)."""
-  return x.reshape(-1, *x.shape[2:])[positions]
-
-
-def scatter_rows(
-  values: jax.Array, positions: jax.Array, kept: jax.Array, shape: tuple[int, int]
-) -> jax.Array:
-  """`gather_rows`'s inverse for the kept entries: (B, T) zeros with values (K,) at their
-  flat positions (padding entries are dropped, so they never overwrite a real one)."""
-  flat = jnp.zeros((shape[0] * shape[1],), values.dtype)
-  index = jnp.where(kept, positions, flat.shape[0])
-  return flat.at[index].set(values, mode="drop").reshape(shape)
-
-
-def alpha_at(step: jax.Array, alpha: float, ramp_steps: int) -> jax.Array:
-  """The distillation weight at `step` (0-based): alpha * min(1, step / ramp_steps), as
-  ALBEF's first epoch (iteration i of epoch 0: alpha * min(1, i / len(loader)))."""
-  if ramp_steps <= 0:
-    return jnp.asarray(alpha, jnp.float32)
-  return alpha * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / ramp_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +119,7 @@ class Albef(Method):
     self, params: Params, extra: Extra, batch: Batch, rng: jax.Array, step: jax.Array
   ) -> tuple[jax.Array, tuple[Metrics, Extra]]:
     online = params["model"]
-    images, tokens = batch["image"], batch["tokens"]
+    tokens = batch["tokens"]
     mask = tokens != self.model.text.pad_id
     itm_rng, mlm_rng = jax.random.split(rng)
     alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
@@ -234,7 +129,74 @@ class Albef(Method):
     # The momentum model moves first, then runs (ALBEF's _momentum_update in no_grad).
     ema = buffers.ema_update(extra["ema"], {k: online[k] for k in MOMENTUM_PARTS}, self.momentum)
     momentum = jax.lax.stop_gradient({**online, **ema})
+    enc = self._encode(params, extra, batch, rng, mlm_rng, step, momentum, mask)
+    ita, ita_metrics, sim_i2t, sim_t2i = ita_loss(
+      enc.image_feat,
+      enc.text_feat,
+      enc.image_feat_m,
+      enc.text_feat_m,
+      extra["image_queue"],
+      extra["text_queue"],
+      temperature,
+      alpha,
+      use_queue,
+    )
+    itm, itm_metrics, mlm = itm_and_mlm(
+      self._apply,
+      self.mlm_positions,
+      online,
+      momentum,
+      enc,
+      tokens,
+      mask,
+      itm_rng,
+      (sim_i2t, sim_t2i),
+      rng,
+      alpha,
+    )
+    new_extra = {
+      **extra,
+      "ema": ema,
+      # The global batch in row order: the same queue however the batch is sharded.
+      "image_queue": extra["image_queue"].enqueue(enc.image_feat_m),
+      "text_queue": extra["text_queue"].enqueue(enc.text_feat_m),
+    }
+    aux_loss, feedback_metrics, new_extra = self.mlm_feedback(
+      params, new_extra, batch, step, enc.choice, mlm
+    )
+    loss = self.ita_weight * ita + self.itm_weight * itm + self.mlm_weight * mlm.loss + aux_loss
+    metrics = {
+      "loss": loss,
+      **ita_metrics,
+      "itm_loss": itm,
+      **itm_metrics,
+      "mlm_loss": mlm.loss,
+      "mlm_accuracy": mlm.accuracy,
+      # Selected positions past mlm_capacity (left out of the loss; ~never for ALBEF).
+      "mlm_dropped": jnp.sum(enc.choice.selected) - jnp.sum(mlm.predicted),
+      "mlm_ratio": jnp.sum(enc.choice.selected) / jnp.maximum(jnp.sum(mask), 1),
+      "temperature": temperature,
+      "alpha": alpha,
+      "queue_filled": extra["image_queue"].filled,
+      "ita_uses_queue": use_queue.astype(jnp.float32),
+      **feedback_metrics,
+    }
+    return loss, (metrics, new_extra)
 
+  def _encode(
+    self,
+    params: Params,
+    extra: Extra,
+    batch: Batch,
+    rng: jax.Array,
+    mlm_rng: jax.Array,
+    step: jax.Array,
+    momentum: Params,
+    mask: jax.Array,
+  ) -> Encoded:
+    """The unimodal passes: online image and caption, the MLM choice, and the momentum
+    image, caption and masked caption (behind stop_gradient)."""
+    online, images, tokens = params["model"], batch["image"], batch["tokens"]
     # Every pass runs dropout with a key of its own, the momentum ones too: ALBEF's
     # momentum encoders run in training mode (torch.no_grad keeps dropout on).
     image_tokens, image_feat = self._apply(
@@ -266,111 +228,10 @@ class Albef(Method):
       rngs=dropout_rngs(rng, 3),
     )
     rows = tokens.shape[0]
-    image_tokens_m, image_feat_m, text_feat_m, masked_states_m = jax.lax.stop_gradient(
+    momentum_outputs = jax.lax.stop_gradient(
       (image_tokens_m, image_feat_m, text_feat_m[:rows], states_m[rows:])
     )
-
-    ita, ita_metrics, sim_i2t, sim_t2i = ita_loss(
-      image_feat,
-      text_feat,
-      image_feat_m,
-      text_feat_m,
-      extra["image_queue"],
-      extra["text_queue"],
-      temperature,
-      alpha,
-      use_queue,
-    )
-    negative_images, negative_texts = self.draw_negatives(itm_rng, tokens, sim_i2t, sim_t2i)
-    masked_states, _ = self._apply(
-      online, choice.inputs, mask, method=AlbefModel.encode_text, rngs=dropout_rngs(rng, 4)
-    )
-    itm_logits, mlm_fused, flows = self.fused_heads(
-      online,
-      text_states,
-      masked_states,
-      mask,
-      image_tokens,
-      negative_images,
-      negative_texts,
-      rngs=dropout_rngs(rng, 5),
-    )
-    labels = jnp.concatenate([jnp.ones((rows,), jnp.int32), jnp.zeros((2 * rows,), jnp.int32)])
-    itm, itm_metrics = losses.itm_loss(itm_logits, labels)
-    fused_m, _ = self._apply(
-      momentum,
-      masked_states_m,
-      mask,
-      image_tokens_m,
-      method=AlbefModel.fuse,
-      rngs=dropout_rngs(rng, 6),
-    )
-    mlm = self._mlm(online, momentum, mlm_fused, fused_m, flows, tokens, choice.selected, alpha)
-
-    new_extra = {
-      **extra,
-      "ema": ema,
-      # The global batch in row order: the same queue however the batch is sharded.
-      "image_queue": extra["image_queue"].enqueue(image_feat_m),
-      "text_queue": extra["text_queue"].enqueue(text_feat_m),
-    }
-    aux_loss, feedback_metrics, new_extra = self.mlm_feedback(
-      params, new_extra, batch, step, choice, mlm
-    )
-    loss = self.ita_weight * ita + self.itm_weight * itm + self.mlm_weight * mlm.loss + aux_loss
-    metrics = {
-      "loss": loss,
-      **ita_metrics,
-      "itm_loss": itm,
-      **itm_metrics,
-      "mlm_loss": mlm.loss,
-      "mlm_accuracy": mlm.accuracy,
-      # Selected positions past mlm_capacity (left out of the loss; ~never for ALBEF).
-      "mlm_dropped": jnp.sum(choice.selected) - jnp.sum(mlm.predicted),
-      "mlm_ratio": jnp.sum(choice.selected) / jnp.maximum(jnp.sum(mask), 1),
-      "temperature": temperature,
-      "alpha": alpha,
-      "queue_filled": extra["image_queue"].filled,
-      "ita_uses_queue": use_queue.astype(jnp.float32),
-      **feedback_metrics,
-    }
-    return loss, (metrics, new_extra)
-
-  def draw_negatives(
-    self, rng: jax.Array, tokens: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array
-  ) -> tuple[jax.Array, jax.Array]:
-    """(hard negative image per text, hard negative text per image), (B,) each, from the
-    ITA logits of the global batch (online features against the batch's momentum
-    features, as ALBEF)."""
-    # A caption identical to the row's own would be a positive, not a negative.
-    same_caption = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
-    return itm_negatives(rng, sim_i2t, sim_t2i, same_caption)
-
-  def fused_heads(
-    self,
-    online: Params,
-    text_states: jax.Array,
-    masked_states: jax.Array,
-    mask: jax.Array,
-    image_tokens: jax.Array,
-    negative_images: jax.Array,
-    negative_texts: jax.Array,
-    rngs: dict | None = None,
-  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One pass of the fusion layers over [pairs; (text, its negative image); (negative
-    text, image); (masked caption, image)]: (ITM logits (3B, 2), the masked captions'
-    fused states (B, T, W), their information flows (L, B, T)). The B images' keys and
-    values are computed once and indexed per row; `rngs`: dropout, each row its own."""
-    rows = text_states.shape[0]
-    states = jnp.concatenate([text_states, text_states, text_states[negative_texts], masked_states])
-    masks = jnp.concatenate([mask, mask, mask[negative_texts], mask])
-    own = jnp.arange(rows)
-    image_index = jnp.concatenate([own, negative_images, own, own])
-    fused, flows = self._apply(
-      online, states, masks, image_tokens, image_index, method=AlbefModel.fuse, rngs=rngs
-    )
-    itm_logits = self._apply(online, fused[: 3 * rows], method=AlbefModel.itm_logits)
-    return itm_logits, fused[3 * rows :], flows[:, 3 * rows :]
+    return Encoded(image_tokens, image_feat, text_states, text_feat, choice, *momentum_outputs)
 
   def mlm_capacity(self, rows: int, length: int) -> int:
     """The static number of positions the MLM head computes for a (rows, length) batch:
@@ -386,32 +247,6 @@ class Albef(Method):
     """(positions (K,) into the flattened (B x T) batch, kept (K,) bool) for the
     `mlm_capacity` static K: the selected positions in row-major order, then padding."""
     return losses.masked_positions(selected, self.mlm_capacity(*selected.shape))
-
-  def _mlm(
-    self,
-    online: Params,
-    momentum: Params,
-    fused: jax.Array,
-    fused_m: jax.Array,
-    flows: jax.Array,
-    tokens: jax.Array,
-    selected: jax.Array,
-    alpha: jax.Array,
-  ) -> MlmPass:
-    """Hard targets mixed with the momentum model's probabilities (ALBEF's soft labels),
-    the vocabulary head of both models computed only at the selected positions."""
-    positions, kept = self.mlm_positions(selected)
-    logits = self._apply(online, gather_rows(fused, positions), method=AlbefModel.mlm_logits)
-    logits_m = self._apply(momentum, gather_rows(fused_m, positions), method=AlbefModel.mlm_logits)
-    targets = gather_rows(tokens, positions)
-    soft = jax.nn.softmax(jax.lax.stop_gradient(logits_m).astype(jnp.float32), axis=-1)
-    loss, metrics = losses.mlm_loss(logits, targets, kept, soft, alpha)
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets
-    )
-    predicted = scatter_rows(kept, positions, kept, tokens.shape)
-    token_loss = scatter_rows(token_loss, positions, kept, tokens.shape)
-    return MlmPass(flows, predicted, token_loss, loss, metrics["mlm_accuracy"])
 
   # ---------------------------------------------------------------- hooks (CMask)
 
@@ -454,36 +289,8 @@ class Albef(Method):
   # ---------------------------------------------------------------- evaluation
 
   def predict_fns(self) -> dict[str, PredictFn]:
-    """ITA embeddings for every retrieval / compositional task, and the ITM pair score
-    for ALBEF's re-ranked retrieval (evaluation.rerank)."""
-    model = self.model
-
-    def apply(params: Params, *args: Any, method: Callable) -> Any:
-      return model.apply({"params": params["model"]}, *args, method=method)
-
-    def embed_image(params: Params, images: jax.Array) -> jax.Array:
-      return apply(params, images, method=AlbefModel.encode_image)[1]
-
-    def embed_text(params: Params, tokens: jax.Array) -> jax.Array:
-      return apply(params, tokens, method=AlbefModel.encode_text)[1]
-
-    def match_image(params: Params, images: jax.Array) -> jax.Array:
-      return apply(params, images, method=AlbefModel.encode_image)[0]
-
-    def match_score(params: Params, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
-      states, _ = apply(params, tokens, method=AlbefModel.encode_text)
-      fused, _ = apply(
-        params, states, tokens != model.text.pad_id, image_tokens, method=AlbefModel.fuse
-      )
-      # The "matched" logit, as ALBEF's retrieval ranks by itm_head(...)[:, 1].
-      return apply(params, fused, method=AlbefModel.itm_logits)[:, 1].astype(jnp.float32)
-
-    return {
-      "embed_image": embed_image,
-      "embed_text": embed_text,
-      "match_image": match_image,
-      "match_score": match_score,
-    }
+    """ITA embeddings and the ITM pair score (albef_parts.predict_fns)."""
+    return predict_fns(self.model)
 
   # ------------------------------------------------------------ host
 

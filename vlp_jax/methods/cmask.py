@@ -34,7 +34,8 @@ import optax
 from vlp_jax.masking import curriculum
 from vlp_jax.masking import text as text_masking
 from vlp_jax.methods import albef
-from vlp_jax.methods.albef import Albef, MlmChoice, MlmPass
+from vlp_jax.methods.albef import Albef
+from vlp_jax.methods.albef_parts import MlmChoice, MlmPass, gather_rows, scatter_rows
 from vlp_jax.methods.base import Batch, Extra, MethodContext, Metrics, Params, PredictFn
 from vlp_jax.models.agent import MaskingAgent
 from vlp_jax.models.albef import AlbefModel
@@ -168,11 +169,11 @@ class CMask(Albef):
     # which mlm_capacity always holds in full: exactly mask_counts per caption).
     chosen = choice.aux["agent_selected"]
     positions, kept = self.mlm_positions(chosen)
-    logits = self._apply(online, albef.gather_rows(fused, positions), method=AlbefModel.mlm_logits)
+    logits = self._apply(online, gather_rows(fused, positions), method=AlbefModel.mlm_logits)
     token_loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), albef.gather_rows(tokens, positions)
+      logits.astype(jnp.float32), gather_rows(tokens, positions)
     )
-    return _mean_over(albef.scatter_rows(token_loss, positions, kept, tokens.shape), chosen)
+    return _mean_over(scatter_rows(token_loss, positions, kept, tokens.shape), chosen)
 
   def mlm_capacity(self, rows: int, length: int) -> int:
     """Every caption masks exactly round(mask_ratio x its maskable tokens) (at most
