@@ -23,7 +23,7 @@ from vlp_jax import experiment, optim, sharding, trainer
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.masking import random as random_masking
 from vlp_jax.masking import text as text_masking
-from vlp_jax.methods import MethodContext, vlc
+from vlp_jax.methods import MethodContext, vlc, vlc_losses
 from vlp_jax.models.vit import normalize_pixels, patchify
 
 # [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, as tokenizers.RESERVED_TOKENS.
@@ -146,15 +146,15 @@ def test_mae_loss_equals_numpy_and_ignores_visible_patches():
   patches = rng.uniform(-2, 2, (3, 16, 48)).astype(np.float32)
   pred = rng.normal(size=patches.shape).astype(np.float32)
   masked = rng.random((3, 16)) < 0.6
-  loss = float(vlc.mae_loss(pred, patches, masked))
+  loss = float(vlc_losses.mae_loss(pred, patches, masked))
   np.testing.assert_allclose(loss, numpy_mae_loss(pred, patches, masked), rtol=1e-5)
   # Visible patches do not count: change their predictions freely.
   other = np.where(masked[..., None], pred, 100 * rng.normal(size=pred.shape))
-  np.testing.assert_allclose(float(vlc.mae_loss(other, patches, masked)), loss, rtol=1e-6)
+  np.testing.assert_allclose(float(vlc_losses.mae_loss(other, patches, masked)), loss, rtol=1e-6)
   # The exact (normalised) image reconstructs to zero loss, with or without norm_pix.
-  exact = vlc.normalized_patches(patches)
-  assert float(vlc.mae_loss(exact, patches, masked)) < 1e-10
-  assert float(vlc.mae_loss(patches, patches, masked, norm_pix=False)) == 0.0
+  exact = vlc_losses.normalized_patches(patches)
+  assert float(vlc_losses.mae_loss(exact, patches, masked)) < 1e-10
+  assert float(vlc_losses.mae_loss(patches, patches, masked, norm_pix=False)) == 0.0
 
 
 def test_the_loss_reconstructs_from_the_patches_the_encoder_dropped():
@@ -204,7 +204,7 @@ def test_padding_receives_no_attention_and_match_score_is_the_itm_logit():
 
 def test_itm_pairs_swap_exactly_half_the_images_for_other_rows():
   images = np.arange(8, dtype=np.uint8).reshape(8, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
-  pairs, labels = vlc.itm_pairs(jax.random.PRNGKey(3), images)
+  pairs, labels = vlc_losses.itm_pairs(jax.random.PRNGKey(3), images)
   pairs, labels = np.asarray(pairs)[:, 0, 0, 0], np.asarray(labels)
   assert labels.sum() == 4
   np.testing.assert_array_equal(pairs[labels == 1], np.arange(8)[labels == 1])
@@ -216,14 +216,14 @@ def test_word_patch_transport_plan_has_uniform_marginals():
   text, image = rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 7, 8))
   text_valid = np.array([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0]], bool)
   image_valid = np.ones((2, 7), bool)
-  plan = vlc._ipot(
+  plan = vlc_losses._ipot(
     1 - jnp.einsum("bmd,bnd->bmn", text, image) / 10, text_valid, image_valid, 0.5, 200, 1
   )
   plan = np.asarray(plan)
   assert not plan[~text_valid].any()
   np.testing.assert_allclose(plan.sum(2)[text_valid], np.repeat([1 / 3, 1 / 2], [3, 2]), rtol=1e-3)
   np.testing.assert_allclose(plan.sum(1), 1 / 7, rtol=1e-3)
-  distance = vlc.optimal_transport_distance(text, image, text_valid, image_valid)
+  distance = vlc_losses.optimal_transport_distance(text, image, text_valid, image_valid)
   assert distance.shape == (2,) and np.isfinite(distance).all()
 
 

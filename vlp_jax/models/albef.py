@@ -32,11 +32,12 @@ import ml_collections
 from vlp_jax.models import attention, layers, stacking
 from vlp_jax.models.bert import ACTIVATIONS, BertEmbeddings, BertLayer
 from vlp_jax.models.clip import l2_normalize, vit_options
+from vlp_jax.models.config_fields import text_positions, text_vocab_size, vit_size
 from vlp_jax.models.fusion import FusionLayer
 from vlp_jax.models.heads import ItmHead, MlmHead
 from vlp_jax.models.platform import compute_dtype
 from vlp_jax.models.stacking import remat_policy_name, with_remat
-from vlp_jax.models.vit import VisionTransformer, decode_variant
+from vlp_jax.models.vit import VisionTransformer
 
 _INIT = nn.initializers.normal(0.02)  # BERT's initializer_range.
 
@@ -220,34 +221,14 @@ def create_albef_model(
   image_cfg, text_cfg = model_config.image, model_config.text
   if text_cfg.kind != "bert":
     raise ValueError(f"config.model.text.kind={text_cfg.kind!r}: ALBEF's text encoder is 'bert'")
-  size = decode_variant(
-    image_cfg.variant,
-    width=image_cfg.width,
-    depth=image_cfg.depth,
-    mlp_dim=image_cfg.mlp_dim,
-    num_heads=image_cfg.num_heads,
-  )
-  if image_cfg.image_size % size.patch_size:
-    raise ValueError(
-      f"config.model.image.image_size={image_cfg.image_size} is not a multiple of the "
-      f"patch size {size.patch_size}"
-    )
+  size = vit_size(image_cfg)
   if not 0 <= albef_config.fusion_layer <= text_cfg.depth:
     raise ValueError(
       f"config.albef.fusion_layer={albef_config.fusion_layer} is outside [0, "
       f"config.model.text.depth={text_cfg.depth}]"
     )
-  if text_cfg.vocab_size is not None and text_cfg.vocab_size < vocab_size:
-    raise ValueError(
-      f"config.model.text.vocab_size={text_cfg.vocab_size} is smaller than the "
-      f"tokenizer's vocabulary ({vocab_size})"
-    )
-  positions = text_cfg.max_positions or text_cfg.context_length
-  if positions < text_cfg.context_length:
-    raise ValueError(
-      f"config.model.text.max_positions={positions} is smaller than context_length "
-      f"{text_cfg.context_length}"
-    )
+  vocab_size = text_vocab_size(text_cfg, vocab_size)
+  positions = text_positions(text_cfg, text_cfg.context_length)
   activation = model_config.activation
   shared = tuple(a for a in ACTIVATIONS if a in layers.ACTIVATIONS)  # Both towers know it.
   if activation not in shared:
@@ -276,7 +257,7 @@ def create_albef_model(
     **vit_options(image_cfg),
   )
   text = AlbefText(
-    vocab_size=text_cfg.vocab_size or vocab_size,
+    vocab_size=vocab_size,
     context_length=positions,
     width=text_cfg.width,
     depth=text_cfg.depth,

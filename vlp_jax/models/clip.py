@@ -13,11 +13,12 @@ import ml_collections
 
 from vlp_jax.models.attention import check_attention
 from vlp_jax.models.bert import POOLINGS, BertTextTower
+from vlp_jax.models.config_fields import text_positions, text_vocab_size, vit_size
 from vlp_jax.models.layers import NO_TUNING, Tuning
 from vlp_jax.models.platform import compute_dtype
 from vlp_jax.models.stacking import refuse_scan_layers, remat_policy_name
 from vlp_jax.models.text import PAD_ID, TextTransformer
-from vlp_jax.models.vit import VisionTransformer, decode_variant
+from vlp_jax.models.vit import VisionTransformer
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -118,23 +119,12 @@ def create_model(
           f"config.model.{tower}.{key}={model_config[tower][key]}: CLIP's towers train "
           "without dropout (open_clip's default); ALBEF, CMask and VLC apply it"
         )
-  size = decode_variant(
-    image_cfg.variant,
-    width=image_cfg.width,
-    depth=image_cfg.depth,
-    mlp_dim=image_cfg.mlp_dim,
-    num_heads=image_cfg.num_heads,
-  )
+  size = vit_size(image_cfg)
   head_dims = {
     "image": size.width // size.num_heads,
     "text": text_cfg.width // text_cfg.num_heads,
   }
   check_attention(model_config.attention, dtype, head_dims, platform)
-  if image_cfg.image_size % size.patch_size:
-    raise ValueError(
-      f"config.model.image.image_size={image_cfg.image_size} is not a multiple of the "
-      f"patch size {size.patch_size}"
-    )
   visual = VisionTransformer(
     size=size,
     image_size=image_cfg.image_size,
@@ -147,13 +137,23 @@ def create_model(
     scan_layers=model_config.scan_layers,
     **vit_options(image_cfg),
   )
-  if text_cfg.vocab_size is not None and text_cfg.vocab_size < vocab_size:
-    raise ValueError(
-      f"config.model.text.vocab_size={text_cfg.vocab_size} is smaller than the "
-      f"tokenizer's vocabulary ({vocab_size})"
-    )
+  text = _text_tower(model_config, vocab_size, pad_id, dtype, tuning.get("text", NO_TUNING))
+  if loss_kind == "siglip":  # The SigLIP paper's initialisation: t = 10, b = -10.
+    return CLIP(visual=visual, text=text, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+  return CLIP(visual=visual, text=text)
+
+
+def _text_tower(
+  model_config: ml_collections.ConfigDict,
+  vocab_size: int,
+  pad_id: int,
+  dtype: jnp.dtype,
+  tuning: Tuning,
+) -> TextTransformer | BertTextTower:
+  """config.model.text's tower: CLIP's causal transformer or a BERT encoder."""
+  text_cfg = model_config.text
   common = dict(
-    vocab_size=text_cfg.vocab_size or vocab_size,
+    vocab_size=text_vocab_size(text_cfg, vocab_size),
     width=text_cfg.width,
     depth=text_cfg.depth,
     num_heads=text_cfg.num_heads,
@@ -161,35 +161,25 @@ def create_model(
     embed_dim=model_config.embed_dim,
     remat=model_config.remat,
     dtype=dtype,
-    tuning=tuning.get("text", NO_TUNING),
+    tuning=tuning,
     pad_id=pad_id,
     attention=model_config.attention,
   )
   if text_cfg.kind == "clip":
-    text = TextTransformer(
+    return TextTransformer(
       context_length=text_cfg.context_length,
       activation=model_config.activation,
       scan_layers=model_config.scan_layers,
       **common,
     )
-  elif text_cfg.kind == "bert":
+  if text_cfg.kind == "bert":
     refuse_scan_layers(model_config.scan_layers, "BERT text towers")
     if text_cfg.pooling not in POOLINGS:
       raise ValueError(f"config.model.text.pooling={text_cfg.pooling!r} is not one of {POOLINGS}")
-    positions = text_cfg.max_positions or text_cfg.context_length
-    if positions < text_cfg.context_length:
-      raise ValueError(
-        f"config.model.text.max_positions={positions} is smaller than context_length "
-        f"{text_cfg.context_length}"
-      )
-    text = BertTextTower(
-      context_length=positions,
+    return BertTextTower(
+      context_length=text_positions(text_cfg, text_cfg.context_length),
       pooling=text_cfg.pooling,
       layer_norm_eps=text_cfg.layer_norm_eps,
       **common,
     )
-  else:
-    raise ValueError(f"config.model.text.kind={text_cfg.kind!r} is not one of ('clip', 'bert')")
-  if loss_kind == "siglip":  # The SigLIP paper's initialisation: t = 10, b = -10.
-    return CLIP(visual=visual, text=text, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
-  return CLIP(visual=visual, text=text)
+  raise ValueError(f"config.model.text.kind={text_cfg.kind!r} is not one of ('clip', 'bert')")
