@@ -67,16 +67,7 @@ class AlbefText(nn.Module):
   def setup(self) -> None:
     if not 0 <= self.fusion_layer <= self.depth:
       raise ValueError(f"fusion_layer {self.fusion_layer} is outside [0, depth {self.depth}]")
-    self.embeddings = BertEmbeddings(
-      self.vocab_size,
-      self.context_length,
-      self.width,
-      self.type_vocab_size,
-      self.layer_norm_eps,
-      self.dtype,
-      dropout=self.dropout,
-      name="embeddings",
-    )
+    self.embeddings = BertEmbeddings.of(self, self.dropout)
     args = (self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, self.dtype)
     text_cls, fusion_cls = with_remat(BertLayer, self.remat), with_remat(FusionLayer, self.remat)
     options = dict(

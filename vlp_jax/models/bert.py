@@ -121,6 +121,21 @@ class BertEmbeddings(nn.Module):
   dtype: jnp.dtype = jnp.float32
   dropout: float = 0.0  # BERT's hidden_dropout_prob, after the LayerNorm.
 
+  @classmethod
+  def of(cls, tower: nn.Module, dropout: float = 0.0) -> BertEmbeddings:
+    """The "embeddings" of a BERT tower (BertTextTower, ALBEF's AlbefText), from its
+    vocab_size, context_length, width, type_vocab_size, layer_norm_eps and dtype."""
+    return cls(
+      tower.vocab_size,
+      tower.context_length,
+      tower.width,
+      tower.type_vocab_size,
+      tower.layer_norm_eps,
+      tower.dtype,
+      dropout=dropout,
+      name="embeddings",
+    )
+
   @nn.compact
   def __call__(self, tokens: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     def embed(num: int, name: str, ids: jax.Array) -> jax.Array:
@@ -178,15 +193,7 @@ class BertTextTower(nn.Module):
     mask = tokens != self.pad_id
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(tokens)
-    x = BertEmbeddings(
-      self.vocab_size,
-      self.context_length,
-      self.width,
-      self.type_vocab_size,
-      self.layer_norm_eps,
-      self.dtype,
-      name="embeddings",
-    )(tokens, token_type_ids)
+    x = BertEmbeddings.of(self)(tokens, token_type_ids)
     layer_cls = with_remat(BertLayer, self.remat)
     for i in range(self.depth):
       x = layer_cls(

@@ -20,8 +20,6 @@ import jax.numpy as jnp
 
 from vlp_jax.models import layers
 from vlp_jax.models.bert import BertLayer
-from vlp_jax.models.layers import NO_TUNING, Tuning
-from vlp_jax.models.stacking import with_remat
 
 
 def information_flow(attention: jax.Array, values: jax.Array) -> jax.Array:
@@ -74,40 +72,3 @@ class FusionLayer(BertLayer):
     image (M, N, Wi) and image_index (B,) int: text row b attends to image[image_index[b]]."""
     x, flow = self.cross_attention(self.self_attention(x, mask), image, image_index)
     return self.feed_forward(x), flow
-
-
-class FusionEncoder(nn.Module):
-  """FusionLayers named layer_<first>..layer_<first + depth - 1>, as the upper part of a
-  BERT whose lower layers are text-only (ALBEF: layers 6-11 of BERT-base).
-
-  Returns (text states, flows (depth, B, T)).
-  """
-
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  first: int = 0
-  activation: str = "gelu"
-  layer_norm_eps: float = 1e-12
-  remat: bool | str = "none"
-  dtype: jnp.dtype = jnp.float32
-  tuning: Tuning = NO_TUNING
-
-  @nn.compact
-  def __call__(
-    self, x: jax.Array, mask: jax.Array, image: jax.Array
-  ) -> tuple[jax.Array, jax.Array]:
-    layer_cls = with_remat(FusionLayer, self.remat)
-    flows = []
-    for i in range(self.first, self.first + self.depth):
-      x, flow = layer_cls(
-        self.num_heads,
-        self.mlp_dim,
-        self.activation,
-        self.layer_norm_eps,
-        self.dtype,
-        self.tuning,
-        name=f"layer_{i}",
-      )(x, mask, image)
-      flows.append(flow)
-    return x, jnp.stack(flows)

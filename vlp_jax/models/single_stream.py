@@ -30,7 +30,7 @@ import numpy as np
 
 from vlp_jax.models import attention, layers, stacking
 from vlp_jax.models.heads import ItmHead, MlmHead
-from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, VitSize, normalize_pixels
+from vlp_jax.models.vit import CLIP_MEAN, CLIP_STD, VitSize, embed_patches
 
 TEXT_TYPE, IMAGE_TYPE, SECOND_IMAGE_TYPE = 0, 1, 2
 TYPE_VOCAB = 3
@@ -234,8 +234,6 @@ class SingleStreamEncoder(nn.Module):
     """`text_mask` (B, T): the text tokens attention may look at; None: the non-pad ones.
     (MLM passes the original caption's: a random replacement may be the pad id.)"""
     size = self.size
-    if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
-      raise ValueError(f"images are {images.shape[1:3]}, model expects {self.image_size} px")
     types = self.param("token_type_embedding", _BERT_INIT, (TYPE_VOCAB, size.width))
     text = TextEmbedding(
       self.vocab_size,
@@ -248,17 +246,9 @@ class SingleStreamEncoder(nn.Module):
     )(tokens)
     text = text + types[TEXT_TYPE].astype(self.dtype)
 
-    x = normalize_pixels(images, self.mean, self.std, self.dtype)
-    x = nn.Conv(
-      size.width,
-      (size.patch_size, size.patch_size),
-      strides=size.patch_size,
-      padding="VALID",
-      use_bias=self.patch_bias,
-      dtype=self.dtype,
-      name="conv1",
-    )(x)
-    x = x.reshape(x.shape[0], -1, size.width)
+    x = embed_patches(
+      images, size, self.image_size, self.mean, self.std, self.dtype, self.patch_bias
+    )
     positions = jnp.asarray(sincos_positions(size.width, self.grid), self.dtype)
     x = x + positions[1:]
     if keep_indices is not None:

@@ -67,6 +67,33 @@ def normalize_pixels(
   return ((images - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
 
 
+def embed_patches(
+  images: jax.Array,
+  size: VitSize,
+  image_size: int,
+  mean: Sequence[float],
+  std: Sequence[float],
+  dtype: jnp.dtype,
+  bias: bool,
+) -> jax.Array:
+  """Pixels (B, S, S, 3) in [0, 255] -> patch tokens (B, L, width): standardised, then the
+  calling module's patch convolution "conv1" (open_clip's and timm's name). For the
+  compact methods of the ViT and of VLC's single stream."""
+  if images.shape[1] != image_size or images.shape[2] != image_size:
+    raise ValueError(f"images are {images.shape[1:3]}, model expects {image_size} px")
+  x = normalize_pixels(images, mean, std, dtype)
+  x = nn.Conv(
+    size.width,
+    (size.patch_size, size.patch_size),
+    strides=size.patch_size,
+    padding="VALID",
+    use_bias=bias,
+    dtype=dtype,
+    name="conv1",
+  )(x)
+  return x.reshape(x.shape[0], -1, size.width)
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(B, H, W, C) -> (B, L, patch_size * patch_size * C), row-major patches."""
   b, h, w, c = images.shape
@@ -121,19 +148,9 @@ class VisionTransformer(nn.Module):
     size = self.size
     if self.pool not in POOLS:
       raise ValueError(f"VisionTransformer.pool={self.pool!r} is not one of {POOLS}")
-    if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
-      raise ValueError(f"images are {images.shape[1:3]}, model expects {self.image_size} px")
-    x = normalize_pixels(images, self.mean, self.std, self.dtype)
-    x = nn.Conv(
-      size.width,
-      (size.patch_size, size.patch_size),
-      strides=size.patch_size,
-      padding="VALID",
-      use_bias=self.patch_bias,
-      dtype=self.dtype,
-      name="conv1",
-    )(x)
-    x = x.reshape(x.shape[0], -1, size.width)
+    x = embed_patches(
+      images, size, self.image_size, self.mean, self.std, self.dtype, self.patch_bias
+    )
     scale = size.width**-0.5
     class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (size.width,))
     positional_embedding = self.param(

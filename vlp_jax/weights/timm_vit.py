@@ -59,6 +59,18 @@ def _positional_embedding(shape: tuple[int, ...]) -> Source:
   return Source(("pos_embed",), combine)
 
 
+def _embedding_source(rest: str, shape: tuple[int, ...]) -> Source | None:
+  """timm's patch embedding and class token for our ViT's conv1 / class_embedding (the
+  image tower's and VLC's encoder's); None for any other parameter."""
+  if rest == "conv1/kernel":
+    return mapping.conv("patch_embed.proj.weight")
+  if rest == "conv1/bias":
+    return mapping.plain("patch_embed.proj.bias")
+  if rest == "class_embedding":
+    return mapping.squeeze_to("cls_token", shape)
+  return None
+
+
 def _source_of(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]):
   post_norm = "fc_norm" if "fc_norm.weight" in state_dict else "norm"
 
@@ -68,12 +80,8 @@ def _source_of(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     rest = path[len("visual/") :]
     if rest == "proj":
       return None  # No projection in timm: keeps its initial value.
-    if rest == "conv1/kernel":
-      return mapping.conv("patch_embed.proj.weight")
-    if rest == "conv1/bias":
-      return mapping.plain("patch_embed.proj.bias")
-    if rest == "class_embedding":
-      return mapping.squeeze_to("cls_token", shapes[path])
+    if (embedding := _embedding_source(rest, shapes.get(path, ()))) is not None:
+      return embedding
     if rest == "positional_embedding":
       return _positional_embedding(shapes[path])
     norm, _, leaf = rest.rpartition("/")
@@ -203,12 +211,8 @@ def _vlc_source_of(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int
   def source_of(path: str) -> Source | None:
     part, _, rest = path.partition("/")
     if part == "encoder":
-      if rest == "conv1/kernel":
-        return mapping.conv("patch_embed.proj.weight")
-      if rest == "conv1/bias":
-        return mapping.plain("patch_embed.proj.bias")
-      if rest == "class_embedding":
-        return mapping.squeeze_to("cls_token", shapes[path])
+      if (embedding := _embedding_source(rest, shapes.get(path, ()))) is not None:
+        return embedding
       if rest.startswith("ln_post/"):
         # Every token goes through MAE's final norm (not fc_norm, a classifier's).
         return mapping.plain(f"norm.{mapping.layer_norm_key(rest.rpartition('/')[2])}")
