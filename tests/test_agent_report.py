@@ -13,7 +13,8 @@ from PIL import Image
 
 from vlp_jax import evaluation, progress, sharding
 from vlp_jax.evaluation import agent_report, readers
-from vlp_jax.evaluation.embedding import Embedder, ImageRef
+from vlp_jax.evaluation.embedding import Embedder
+from vlp_jax.input_pipeline.image_sources import ImageRef
 from vlp_jax.input_pipeline.tokenizers import NO_WORD
 from vlp_jax.models.agent import INVALID_LOGIT
 

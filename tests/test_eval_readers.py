@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from vlp_jax.evaluation import DataError, readers
-from vlp_jax.evaluation import classification_readers as cls_readers
 from vlp_jax.evaluation import compositional_readers as creaders
+from vlp_jax.input_pipeline import classification_readers as cls_readers
 
 
 def write_image(path, colour=(200, 30, 30), size=(40, 30)) -> str:

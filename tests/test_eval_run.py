@@ -13,7 +13,7 @@ import pytest
 from tests.runs import run_script
 from tests.test_eval_readers import image_bytes, write_image, write_json
 from vlp_jax import checkpointing, trainer
-from vlp_jax.evaluation import Embedder, ImageRef, embedding
+from vlp_jax.evaluation import DataError, Embedder, ImageRef, embedding
 from vlp_jax.models import CLIP
 
 
@@ -73,7 +73,7 @@ def test_embedder_returns_the_models_embeddings_in_order(experiment):
 def test_a_missing_image_fails_naming_it(experiment):
   exp, state = experiment
   embedder = _embedder(exp, 8, 1)
-  with pytest.raises(embedding.DataError, match=r"nowhere/x\.jpg"):
+  with pytest.raises(DataError, match=r"nowhere/x\.jpg"):
     embedder.images(state.params, [ImageRef("/nowhere/x.jpg")])
 
 

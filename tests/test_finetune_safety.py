@@ -24,15 +24,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common, demo_vqa
 from tests.runs import fails_after
+from tests.test_vlc_finetune import shrink_vlc
 from vlp_jax import config_lib, eval_runner, experiment, sharding, trainer
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.evaluation import finetune, readers, vqa
-from vlp_jax.evaluation.embedding import DataError, Embedder, ImageRef
-from vlp_jax.input_pipeline import image_files, task_data
+from vlp_jax.configs import common, demo_vqa
+from vlp_jax.evaluation import readers, vqa
+from vlp_jax.evaluation.embedding import Embedder
+from vlp_jax.evaluation.tasks import batches
+from vlp_jax.evaluation.tasks.vqa import VqaTask
+from vlp_jax.input_pipeline import finetune_data, image_files, nlvr2_data, task_data, vqa_data
+from vlp_jax.input_pipeline.image_sources import DataError, ImageRef
 from vlp_jax.input_pipeline.task_data import TaskDataError
-from vlp_jax.methods import DataContext, MethodContext, vlc_tasks
+from vlp_jax.methods import DataContext, MethodContext, vlc_classify, vlc_vqa
 
 TOKENS = experiment.TokenizerSpec(64, 0, 12, cls_id=2, sep_id=3, mask_id=4)
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -122,13 +126,13 @@ def test_devices_sparse_files_and_fifos_are_refused_by_every_image_reader(tmp_pa
 def test_an_unreadable_image_in_training_is_skipped_counted_and_listed(tmp_path):
   files = write_vqa(tmp_path, num_images=4)
   paths = hostile_files(tmp_path)
-  examples = task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+  examples = vqa_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
   examples[0] = dataclasses.replace(examples[0], image=paths["fifo"])
   examples[2] = dataclasses.replace(examples[2], image=paths["zero"])
   skip_list = str(tmp_path / image_files.SKIP_LIST_FILE)
   answers = vqa.build_answer_vocab(examples, 1)
   with fails_after(60):
-    dataset = task_data.create_vqa_dataset(
+    dataset = vqa_data.create_vqa_dataset(
       examples,
       lambda texts: np.zeros((len(texts), 12), np.int32),
       answers,
@@ -151,7 +155,7 @@ def test_an_unreadable_image_in_training_is_skipped_counted_and_listed(tmp_path)
 def test_unreadable_images_over_the_threshold_stop_the_run_before_training(tmp_path):
   files = write_vqa(tmp_path)
   os.remove(image_path(files, 5))  # 1 of 16 images missing: 2 of 32 questions.
-  examples = task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+  examples = vqa_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
   skip_list = str(tmp_path / image_files.SKIP_LIST_FILE)
   with pytest.raises(TaskDataError) as e:
     task_data.drop_unreadable(
@@ -171,15 +175,8 @@ def test_unreadable_images_over_the_threshold_stop_the_run_before_training(tmp_p
 def tiny_vlc(method: str = "vlc_vqa", **finetune_fields):
   config = demo_vqa.get_config("pretrained=none,steps=5,batch_size=8")
   config.unlock()
-  config.method = method
-  image = config.model.image
-  image.image_size, image.width, image.depth, image.num_heads, image.mlp_dim = 32, 32, 2, 2, 64
-  config.vlc.decoder_width, config.vlc.decoder_depth = 32, 1
-  config.vlc.decoder_num_heads, config.vlc.decoder_mlp_dim = 2, 64
   config.finetune.min_answer_count = 1
-  for key, value in finetune_fields.items():
-    config.finetune[key] = value
-  return config
+  return shrink_vlc(config, method, **finetune_fields)
 
 
 def test_the_fine_tuning_method_screens_its_data_and_lists_every_bad_file(tmp_path):
@@ -187,10 +184,7 @@ def test_the_fine_tuning_method_screens_its_data_and_lists_every_bad_file(tmp_pa
   for i in (3, 11):  # Two images, each in the way a user meets them.
     os.remove(image_path(files, i))
   os.symlink("/dev/zero", image_path(files, 11))
-  method = vlc_tasks.create(
-    MethodContext(tiny_vlc(train=files["spec"]), single_device(), TOKENS, 5),
-    "vqa",
-  )
+  method = vlc_vqa.create(MethodContext(tiny_vlc(train=files["spec"]), single_device(), TOKENS, 5))
   workdir = tmp_path / "run"
   workdir.mkdir()
   with pytest.raises(TaskDataError, match=r"4 of 32 training examples"):
@@ -211,9 +205,9 @@ def test_evaluation_lists_the_images_it_could_not_read_beside_the_results(tmp_pa
   os.remove(image_path(files, 4))
   with open(image_path(files, 7), "r+b") as f:
     f.truncate(100)
-  examples = task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+  examples = vqa_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
   answers = vqa.build_answer_vocab(examples, 1)
-  task = finetune.VqaTask(
+  task = VqaTask(
     "val",
     examples,
     answers,
@@ -246,7 +240,7 @@ def test_classification_fine_tuning_screens_its_image_files_before_training(tmp_
   os.mkfifo(fifo)
   os.symlink("/dev/zero", zero)
   config = tiny_vlc("vlc_classify", train=str(tmp_path))
-  method = vlc_tasks.create(MethodContext(config, single_device(), TOKENS, 5), "classify")
+  method = vlc_classify.create(MethodContext(config, single_device(), TOKENS, 5))
   ctx = DataContext(str(tmp_path), None, None, (), TOKENS, 8)
   with fails_after(60), pytest.raises(TaskDataError, match=r"2 of 20 training examples"):
     method.train_data(ctx)
@@ -262,11 +256,11 @@ def test_every_image_missing_names_the_images_directory(tmp_path):
   wrong = tmp_path / "elsewhere"
   wrong.mkdir()
   with pytest.raises(TaskDataError, match=rf"none of the 16 images .* images={wrong}"):
-    task_data.read_vqa(files["questions"], files["annotations"], str(wrong))
+    vqa_data.read_vqa(files["questions"], files["annotations"], str(wrong))
   jsonl = tmp_path / "dev.json"
   jsonl.write_text(json.dumps({"identifier": "dev-1-0-0", "sentence": "s", "label": "True"}))
   with pytest.raises(TaskDataError, match=rf"{jsonl}: none of the 2 images .* images={wrong}"):
-    task_data.read_nlvr2(str(jsonl), str(wrong))
+    nlvr2_data.read_nlvr2(str(jsonl), str(wrong))
 
 
 def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path):
@@ -277,16 +271,16 @@ def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path):
     f.write(text[:at] + b"is it r\xe9d" + text[at + 9 :])  # Latin-1, not UTF-8.
   line = text[:at].count(b"\n") + 1
   with pytest.raises(TaskDataError, match=rf"{files['questions']}:{line}: byte b'\\xe9'"):
-    task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+    vqa_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
   # eval.py reads its --data.vqa through the same reader.
-  builtin = finetune.BuiltinSets("", 2, 1, 32, 0)
+  builtin = finetune_data.BuiltinSets("", 2, 1, 32, 0)
   with pytest.raises(TaskDataError, match=rf"{files['questions']}:{line}:"):
-    finetune.read_vqa_spec(files["spec"], False, builtin)
+    finetune_data.read_vqa_spec(files["spec"], False, builtin)
   jsonl = tmp_path / "train.json"
   good = json.dumps({"identifier": "train-1-0-0", "sentence": "one", "label": "True"})
   jsonl.write_bytes(good.encode() + b"\n" + good.encode().replace(b"one", b"\xff\xfe") + b"\n")
   with pytest.raises(TaskDataError, match=rf"{jsonl}:2: byte b'\\xff' at column \d+"):
-    task_data.read_nlvr2(str(jsonl), str(tmp_path))
+    nlvr2_data.read_nlvr2(str(jsonl), str(tmp_path))
   with pytest.raises(DataError, match=rf"{jsonl}:2: byte b'\\xff'"):
     readers.read_json(str(jsonl))  # The other evaluation readers' files alike.
 
@@ -295,7 +289,7 @@ def test_an_empty_nlvr2_file_and_repeated_identifiers_are_refused_naming_the_fil
   empty = tmp_path / "train.json"
   empty.write_text("\n")
   with pytest.raises(TaskDataError, match=rf"{empty}: no examples"):
-    task_data.read_nlvr2(str(empty), str(tmp_path))
+    nlvr2_data.read_nlvr2(str(empty), str(tmp_path))
   lines = [
     {"identifier": "train-7-1-0", "sentence": "a", "label": "True"},
     {"identifier": "train-7-1-1", "sentence": "b", "label": "False"},
@@ -306,7 +300,7 @@ def test_an_empty_nlvr2_file_and_repeated_identifiers_are_refused_naming_the_fil
   with pytest.raises(
     TaskDataError, match=rf"{repeated}:3: identifier 'train-7-1-0' repeats line 1"
   ):
-    task_data.read_nlvr2(str(repeated), str(tmp_path))
+    nlvr2_data.read_nlvr2(str(repeated), str(tmp_path))
 
 
 # ---------------------------------------------------------------- no result that only looks valid
@@ -315,8 +309,8 @@ def test_an_empty_nlvr2_file_and_repeated_identifiers_are_refused_naming_the_fil
 def test_fine_tuning_without_pretrained_weights_needs_pretrained_none(tmp_path):
   files = write_vqa(tmp_path)
   mesh = single_device()
-  refused = vlc_tasks.create(
-    MethodContext(tiny_vlc(train=files["spec"], pretrained=""), mesh, TOKENS, 5), "vqa"
+  refused = vlc_vqa.create(
+    MethodContext(tiny_vlc(train=files["spec"], pretrained=""), mesh, TOKENS, 5)
   )
 
   def gather():
@@ -324,7 +318,7 @@ def test_fine_tuning_without_pretrained_weights_needs_pretrained_none(tmp_path):
 
   with pytest.raises(ConfigError, match=r"config\.finetune\.pretrained is empty: .*'none'"):
     refused.pretrained_params(gather)
-  allowed = vlc_tasks.create(MethodContext(tiny_vlc(train=files["spec"]), mesh, TOKENS, 5), "vqa")
+  allowed = vlc_vqa.create(MethodContext(tiny_vlc(train=files["spec"]), mesh, TOKENS, 5))
   assert allowed.pretrained == "none" and allowed.pretrained_params(gather) is None
 
 
@@ -333,8 +327,8 @@ def test_an_answers_file_is_normalised_as_the_annotations(tmp_path):
   answers.write_text("Red\n yes\nTwo\n")
   vocab = vqa.read_answer_vocab(str(answers))
   assert vocab == ["red", "yes", "2"]
-  example = task_data.VqaExample(1, 1, "x.jpg", "what color", ("red",) * 10, "red")
-  ((ids, scores),) = task_data.vqa_targets([example], vocab)
+  example = vqa_data.VqaExample(1, 1, "x.jpg", "what color", ("red",) * 10, "red")
+  ((ids, scores),) = vqa_data.vqa_targets([example], vocab)
   assert ids.tolist() == [0] and scores.tolist() == [1.0]  # Not dropped for "Red".
   answers.write_text("2\nTwo\n")
   with pytest.raises(TaskDataError, match=rf"{answers}:2: 'Two' repeats line 1"):
@@ -344,19 +338,19 @@ def test_an_answers_file_is_normalised_as_the_annotations(tmp_path):
 def test_fewer_than_ten_answers_warn_with_the_count_and_the_metrics_cap(tmp_path, caplog):
   files = write_vqa(tmp_path, num_images=2, answers=3)
   with caplog.at_level(logging.WARNING):
-    task_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
+    vqa_data.read_vqa(files["questions"], files["annotations"], str(files["images"]))
   assert "4 of 4 questions have fewer than 10 annotator answers (as few as 3)" in caplog.text
   assert "caps their accuracy at 66.7%" in caplog.text
-  assert vqa.vqa_accuracy("red", ["red"] * 3) == pytest.approx(task_data.metric_cap(3))
+  assert vqa.vqa_accuracy("red", ["red"] * 3) == pytest.approx(vqa_data.metric_cap(3))
 
 
 def test_a_cmask_mask_ratio_of_zero_is_refused_naming_the_key():
-  config = common.base_config()
+  config = common.base_config("cmask")
   config.cmask.mask_ratio = 0.0
   with pytest.raises(ConfigError, match=r"config\.cmask\.mask_ratio.*\(0, 1\]"):
-    config_lib.check_rules(config, common.RULES)
+    config_lib.check_rules(config, common.config_rules("cmask"))
   config.cmask.mask_ratio = 1.0
-  config_lib.check_rules(config, common.RULES)
+  config_lib.check_rules(config, common.config_rules("cmask"))
 
 
 # ---------------------------------------------------------------- end to end
@@ -425,7 +419,7 @@ def test_sigterm_during_the_end_of_run_evaluation_stops_it_within_a_batch(
 ):
   config, workdir, _, _ = corrupt_run
   pulled, sent = [], []
-  real = finetune._with_rows
+  real = batches.with_rows
 
   def with_rows(batches, row_of):
     for batch in real(batches, row_of):
@@ -435,7 +429,7 @@ def test_sigterm_during_the_end_of_run_evaluation_stops_it_within_a_batch(
         os.kill(os.getpid(), signal.SIGTERM)  # As a preemptible VM's notice.
       yield batch
 
-  monkeypatch.setattr(finetune, "_with_rows", with_rows)
+  monkeypatch.setattr(batches, "with_rows", with_rows)
   # Resumed at its last step, the run evaluates its final state (4 batches of 8).
   with caplog.at_level(logging.WARNING):
     trainer.train_and_evaluate(config, workdir)

@@ -235,8 +235,11 @@ LAYERS = (
     "vlp_jax.checkpointing",
     "vlp_jax.workdir_lock",
   ),
-  ("vlp_jax.evaluation", "vlp_jax.pretrained"),
+  ("vlp_jax.pretrained",),
   ("vlp_jax.methods",),
+  # Evaluation runs what methods predict: a method never imports evaluation (their shared
+  # readers are in input_pipeline).
+  ("vlp_jax.evaluation",),
   ("vlp_jax.experiment",),
   ("vlp_jax.trainer", "vlp_jax.eval_runner", "vlp_jax.show_masks", "vlp_jax.preflight"),
 )

@@ -1,4 +1,5 @@
-"""VQAv2 and NLVR2: answer normalisation, metrics, readers, datasets and the built-in sets.
+"""VQAv2 and NLVR2: answer normalisation, metrics and readers (the built-in sets and the
+datasets of batches: test_task_datasets.py).
 
 Expected numbers are worked out by hand from the official scripts' definitions (VQA
 API's vqaEval.py, NLVR2's eval/metrics.py), in the comments next to them.
@@ -6,53 +7,14 @@ API's vqaEval.py, NLVR2's eval/metrics.py), in the comments next to them.
 
 import json
 import logging
-import os
-import shutil
-import zlib
-from collections import Counter
 
-import numpy as np
 import pytest
 
 from vlp_jax.evaluation import nlvr2, vqa
-from vlp_jax.input_pipeline import builtin, builtin_tasks, task_data
-from vlp_jax.input_pipeline.builtin import Scene, Shape
-from vlp_jax.input_pipeline.task_data import Nlvr2Example, TaskDataError, VqaExample
-
-
-class WordTokenizer:
-  """A tokenizer with the pipeline's protocol and no TensorFlow: one id per word."""
-
-  context_length = 12
-  pad_id = 0
-  vocab_size = 1000
-
-  def encode_with_word_ids(self, texts):
-    ids = np.zeros((len(texts), self.context_length), np.int32)
-    words = np.full((len(texts), self.context_length), -1, np.int32)
-    for row, text in enumerate(texts):
-      pieces = [2 + zlib.crc32(w.encode()) % 990 for w in text.split()][: self.context_length - 2]
-      ids[row, : len(pieces) + 2] = [1, *pieces, 999]
-      words[row, 1 : len(pieces) + 1] = range(len(pieces))
-    return ids, words
-
-  def __call__(self, texts):
-    return self.encode_with_word_ids(texts)[0]
-
-
-@pytest.fixture(scope="module")
-def vqa_set(tmp_path_factory):
-  return builtin_tasks.ensure_builtin_vqa(
-    str(tmp_path_factory.mktemp("tasks")), num_train=60, num_val=20, image_size=64, seed=0
-  )
-
-
-@pytest.fixture(scope="module")
-def nlvr2_set(tmp_path_factory):
-  return builtin_tasks.ensure_builtin_nlvr2(
-    str(tmp_path_factory.mktemp("tasks")), num_train=60, num_dev=21, image_size=64, seed=0
-  )
-
+from vlp_jax.input_pipeline import nlvr2_data, vqa_data
+from vlp_jax.input_pipeline.nlvr2_data import Nlvr2Example
+from vlp_jax.input_pipeline.task_data import TaskDataError
+from vlp_jax.input_pipeline.vqa_data import VqaExample
 
 # ---------------------------------------------------------------- answer normalisation
 
@@ -91,7 +53,7 @@ def test_normalisation_follows_the_official_script(raw, normalised):
 
 
 def test_contraction_table_is_the_scripts():
-  table = task_data.CONTRACTIONS
+  table = vqa_data.CONTRACTIONS
   assert len(table) == 120
   assert table["hadnt've"] == table["hadn'tve"] == "hadn't've"
   assert table["yall'd've"] == table["y'alld've"] == table["y'all'dve"] == "y'all'd've"
@@ -100,7 +62,7 @@ def test_contraction_table_is_the_scripts():
 
 def test_at_most_32_periods_are_removed():
   # The script passes re.UNICODE (32) as sub()'s count.
-  assert task_data.process_punctuation("." * 40) == "." * 8
+  assert vqa_data.process_punctuation("." * 40) == "." * 8
 
 
 def test_soft_scores_are_exact():
@@ -235,7 +197,7 @@ def test_vqa_reader_errors_name_file_and_key(tmp_path):
   bad = tmp_path / "q.json"
   bad.write_text('{"questions": [\n{"question_id": 1,}]}')
   with pytest.raises(TaskDataError, match=r"q.json:2: not valid JSON"):
-    task_data.read_vqa(str(bad), None, str(tmp_path))
+    vqa_data.read_vqa(str(bad), None, str(tmp_path))
   questions = _write_json(
     tmp_path / "q2.json",
     {
@@ -247,7 +209,7 @@ def test_vqa_reader_errors_name_file_and_key(tmp_path):
     },
   )
   with pytest.raises(TaskDataError, match=r"q2.json: questions\[1\]: missing 'question_id'"):
-    task_data.read_vqa(questions, None, str(tmp_path))
+    vqa_data.read_vqa(questions, None, str(tmp_path))
   questions = _write_json(
     tmp_path / "q3.json",
     {"data_subtype": "val2014", "questions": [{"question_id": 1, "image_id": 1, "question": "a?"}]},
@@ -259,7 +221,7 @@ def test_vqa_reader_errors_name_file_and_key(tmp_path):
     TaskDataError,
     match=r"a3.json: annotations\[0\] \(question_id 1\): missing 'multiple_choice_answer'",
   ):
-    task_data.read_vqa(questions, annotations, str(tmp_path))
+    vqa_data.read_vqa(questions, annotations, str(tmp_path))
 
 
 def test_vqa_test_dev_questions_need_no_annotations(tmp_path):
@@ -272,7 +234,7 @@ def test_vqa_test_dev_questions_need_no_annotations(tmp_path):
       "questions": [{"question_id": 7, "image_id": 42, "question": "why?"}],
     },
   )
-  (example,) = task_data.read_vqa(questions, None, str(tmp_path))
+  (example,) = vqa_data.read_vqa(questions, None, str(tmp_path))
   # test-dev's questions are about the test2015 images.
   assert example.image == str(tmp_path / "test2015" / "COCO_test2015_000000000042.jpg")
   assert example.answers == () and example.question == "why?"
@@ -296,266 +258,11 @@ def test_nlvr2_reader_finds_images_in_any_layout(tmp_path, caplog):
   jsonl = tmp_path / "train.json"
   jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
   with caplog.at_level(logging.WARNING):
-    first, second, third = task_data.read_nlvr2(str(jsonl), str(root))
+    first, second, third = nlvr2_data.read_nlvr2(str(jsonl), str(root))
   assert first.left == str(root / "7" / "train-1-0-img0.png") and first.label
   assert second.right == str(root / "deep/er/train-2-0-img1.jpg") and not second.label
   assert third.left == str(root / "train-3-0-img0.png")  # kept: the dataset skips the row
   assert "2 of 6 images" in caplog.text
   jsonl.write_text('{"identifier": "dev-1-0-0", "sentence": "s", "label": "yes"}\n')
   with pytest.raises(TaskDataError, match=r"train.json:1: label 'yes'"):
-    task_data.read_nlvr2(str(jsonl), str(root))
-
-
-# ---------------------------------------------------------------------- built-in sets
-
-
-def _scene_answer(scene: Scene, question: str) -> str:
-  """The answer to a built-in question, worked out from the scene independently."""
-  words = question.rstrip("?").split()
-  objects = scene.objects
-  if question.startswith("what colour is the"):
-    (obj,) = [o for o in objects if o.shape == words[-1]]
-    return obj.colour
-  if question.startswith("what shape is the"):
-    (obj,) = [o for o in objects if o.colour == words[-2]]
-    return obj.shape
-  if question == "how many shapes are there?":
-    return str(len(objects))
-  if question.startswith("how many"):
-    return str(sum(words[2] in (o.shape + "s", o.shape + "es") for o in objects))
-  if question.startswith("is there a"):
-    return "yes" if any((o.colour, o.shape) == (words[3], words[4]) for o in objects) else "no"
-  a, b = words[2], words[-1]
-  relation = " ".join(words[3:-2])
-  (obj_a,), (obj_b,) = [o for o in objects if o.shape == a], [o for o in objects if o.shape == b]
-  return "yes" if builtin.relation_holds(relation, obj_a, obj_b) else "no"
-
-
-def test_vqa_questions_are_answered_by_the_scene():
-  rng = np.random.default_rng(0)
-  kinds, yes_no = Counter(), Counter()
-  for _ in range(300):
-    scene = builtin.sample_scene(rng, heldout=False)
-    for q in builtin_tasks.vqa_questions(scene, rng):
-      assert q.answer == _scene_answer(scene, q.question), q
-      kinds[q.question_type] += 1
-      if q.answer_type == "yes/no":
-        yes_no[q.answer] += 1
-      # Every spelling an annotator may use normalises back to the answer.
-      assert {
-        vqa.normalize_answer(s) for s in builtin_tasks.spellings(q.answer, q.answer_type)
-      } == {q.answer}
-      answers, most_common = builtin_tasks.annotate(q, rng)
-      assert len(answers) == 10 and most_common == q.answer
-  assert len(kinds) == 5 and min(kinds.values()) > 60
-  assert 0.4 < yes_no["yes"] / sum(yes_no.values()) < 0.6
-
-
-def test_builtin_vqa_round_trips_through_the_reader(vqa_set):
-  train, val = vqa_set.examples("train"), vqa_set.examples("val")
-  assert len(train) == 60 * builtin_tasks.QUESTIONS_PER_IMAGE and len(val) == 60
-  assert not {e.question_id for e in train} & {e.question_id for e in val}
-  assert all(os.path.isfile(e.image) for e in train + val)
-  # The files hold what the generator made, and annotators disagree sometimes.
-  generated = builtin_tasks.generate_vqa_image(0, "val", 3, 64)
-  by_id = {e.question_id: e for e in val}
-  for question, annotation in zip(generated["questions"], generated["annotations"]):
-    example = by_id[question["question_id"]]
-    assert example.question == question["question"]
-    assert list(example.answers) == [a["answer"] for a in annotation["answers"]]
-  assert {e.answer_type for e in train} == {"yes/no", "number", "other"}
-  assert sum(len(set(e.answers)) > 1 for e in train) > len(train) / 2
-  assert all(vqa.answer_scores(e.answers)[e.multiple_choice_answer] >= 0.9 for e in train)
-  # Blind baselines are well below a perfect score.
-  assert (
-    vqa.majority_baseline(train, val) < vqa.majority_baseline(train, val, by="question_type") < 70
-  )
-
-
-def test_nlvr2_statements_hold_where_they_should():
-  def scene(*shapes):
-    return Scene(
-      tuple(
-        Shape(size, colour, shape, 0.2 * i + 0.1, 0.5)
-        for i, (size, colour, shape) in enumerate(shapes)
-      ),
-      (),
-    )
-
-  left = scene(("small", "red", "circle"), ("large", "red", "circle"))
-  right = scene(
-    ("small", "blue", "circle"), ("large", "red", "square"), ("small", "green", "cross")
-  )
-  Statement = builtin_tasks.Statement
-  cases = [
-    (Statement("more", side="left", shape="circle"), True),
-    (Statement("more", side="right", shape="circle"), False),
-    (Statement("more", side="right", shape="cross"), True),
-    (Statement("both_colour", colour="red"), True),
-    (Statement("both_colour", colour="blue"), False),
-    (Statement("contains", side="right", size="small", shape="cross"), True),
-    (Statement("contains", side="left", size="small", shape="cross"), False),
-    (Statement("fewer_shapes", side="left"), True),
-    (Statement("total", number=5), True),
-  ]
-  for statement, label in cases:
-    assert statement.holds(left, right) == label, statement.text()
-    assert builtin_tasks.statement_kind(statement.text()) == statement.kind
-  rng = np.random.default_rng(0)
-  for statement in (builtin_tasks.random_statement(rng) for _ in range(300)):
-    assert builtin_tasks.statement_kind(statement.text()) == statement.kind, statement
-  assert builtin_tasks.statement_kind("the left image is a photograph") == ""
-  assert cases[2][0].text() == "the right image has more crosses than the left image"
-
-
-def test_nlvr2_statements_use_only_the_letters_of_the_builtin_captions():
-  """The demo's WordPiece vocabulary is learned from the built-in captions: their words and
-  letters, no digits. A word with any other character is one [UNK] there, so its statement
-  cannot be read (version 1's "there are 4 shapes in total": every N the same [UNK])."""
-  rng = np.random.default_rng(0)
-  letters = set("".join(builtin.caption(builtin.sample_scene(rng, False)) for _ in range(300)))
-  statements = [builtin_tasks.random_statement(rng) for _ in range(2000)]
-  for statement in statements:
-    assert set(statement.text()) <= letters, (statement.text(), set(statement.text()) - letters)
-  totals = {s.number: s.text() for s in statements if s.kind == "total"}
-  assert sorted(totals) == [2, 3, 4, 5]  # Two scenes hold 2..6 shapes; "six" has an "x".
-  assert totals[4] == "there are four shapes in total"
-
-
-def test_builtin_nlvr2_round_trips_with_balanced_labels(nlvr2_set):
-  train, dev = nlvr2_set.examples("train"), nlvr2_set.examples("dev")
-  assert len(train) == 60 and len(dev) == 21
-  assert abs(sum(e.label for e in train) - 30) <= 1 and abs(sum(e.label for e in dev) - 10.5) <= 1
-  # Training images lie in numbered subdirectories, as NLVR2's; all are found.
-  assert all(os.path.isfile(e.left) and os.path.isfile(e.right) for e in train + dev)
-  assert {os.path.basename(os.path.dirname(e.left)) for e in train} == set(map(str, range(10)))
-  # Each sentence is true of one pair and false of the other: a constant answer is never
-  # consistent.
-  by_sentence = {}
-  for e in train:
-    by_sentence.setdefault(nlvr2.sentence_key(e.identifier), []).append(e)
-  assert all(
-    len({e.sentence for e in g}) == 1 and {e.label for e in g} == {True, False}
-    for g in by_sentence.values()
-  )
-  always_true = nlvr2.evaluate_nlvr2({e.identifier: True for e in train}, train)
-  assert always_true["accuracy"] == 50.0 and always_true["consistency"] == 0.0
-  assert 45 < nlvr2.majority_baseline(train, dev) < 55
-
-
-def test_builtin_sets_are_deterministic_and_reused(vqa_set, tmp_path):
-  again = builtin_tasks.ensure_builtin_vqa(
-    os.path.dirname(vqa_set.root), num_train=60, num_val=20, image_size=64, seed=0
-  )
-  assert again == vqa_set  # found, not rewritten
-  a = builtin_tasks.generate_nlvr2_set(3, "dev", 5, 32)
-  b = builtin_tasks.generate_nlvr2_set(3, "dev", 5, 32)
-  assert [x["sentence"] for x in a] == [x["sentence"] for x in b]
-  np.testing.assert_array_equal(a[0]["images"][0], b[0]["images"][0])
-
-
-# ---------------------------------------------------------------------------- datasets
-
-
-def _vocab(examples):
-  return vqa.build_answer_vocab(examples, min_count=1)
-
-
-def test_vqa_datasets_yield_the_documented_batches(vqa_set):
-  train, val = vqa_set.examples("train"), vqa_set.examples("val")
-  vocab = _vocab(train)
-  tokenizer = WordTokenizer()
-
-  def dataset(**kw):
-    return task_data.create_vqa_dataset(
-      train, tokenizer, vocab, image_size=32, batch_size=8, seed=1, train=True, **kw
-    )
-
-  batches = [b for _, b in zip(range(3), dataset())]
-  batch = batches[0]
-  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
-  assert batch["tokens"].shape == (8, 12) and batch["tokens"].dtype == np.int32
-  assert batch["targets"].shape == (8, len(vocab)) and batch["targets"].dtype == np.float32
-  assert batch["question_id"].dtype == np.int64 and batch["skipped"].sum() == 0
-  by_id = {e.question_id: e for e in train}
-  for qid, target in zip(batch["question_id"], batch["targets"]):
-    expected = vqa.answer_scores(by_id[qid].answers)
-    assert {vocab[i]: float(s) for i, s in enumerate(target) if s} == pytest.approx(expected)
-  again = [b for _, b in zip(range(3), dataset())]
-  assert all((a["question_id"] == b["question_id"]).all() for a, b in zip(batches, again))
-  # Evaluation: one ordered pass; the last batch is padded and marked.
-  passes = [
-    list(
-      task_data.create_vqa_dataset(
-        val,
-        tokenizer,
-        vocab,
-        image_size=32,
-        batch_size=8,
-        seed=0,
-        train=False,
-        process_index=p,
-        process_count=2,
-      )
-    )
-    for p in range(2)
-  ]
-  assert len(passes[0]) == len(passes[1]) == 4  # ceil(ceil(60 / 2) / 8)
-  ids = [qid for p in passes for b in p for qid, ok in zip(b["question_id"], b["valid"]) if ok]
-  assert sorted(ids) == sorted(e.question_id for e in val)
-  assert [b["valid"].sum() for b in passes[0]] == [8, 8, 8, 6]
-  assert (passes[0][-1]["question_id"][6:] == -1).all()
-
-
-def test_nlvr2_datasets_yield_the_documented_batches(nlvr2_set):
-  train, dev = nlvr2_set.examples("train"), nlvr2_set.examples("dev")
-  tokenizer = WordTokenizer()
-  batch = next(
-    iter(
-      task_data.create_nlvr2_dataset(
-        train, tokenizer, image_size=32, batch_size=4, seed=0, train=True
-      )
-    )
-  )
-  assert batch["image"].shape == batch["image2"].shape == (4, 32, 32, 3)
-  assert not (batch["image"] == batch["image2"]).all()
-  assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int64
-  assert list(batch["label"]) == [train[i].label for i in batch["index"]]
-  batches = list(
-    task_data.create_nlvr2_dataset(dev, tokenizer, image_size=32, batch_size=8, seed=0, train=False)
-  )
-  assert [b["valid"].sum() for b in batches] == [8, 8, 5]
-  assert list(np.concatenate([b["index"] for b in batches])[:21]) == list(range(21))
-
-
-def test_unreadable_images_are_skipped_and_counted(vqa_set, tmp_path, caplog):
-  root = tmp_path / "vqa"
-  shutil.copytree(vqa_set.root, root)
-  questions, annotations = (
-    str(root / os.path.basename(p)) for p in (vqa_set.train_questions, vqa_set.train_annotations)
-  )
-  train = task_data.read_vqa(questions, annotations, str(root))[:24]
-  corrupt, missing = train[0].image, train[3 * 3].image  # images 1 and 4 (3 questions each)
-  with open(corrupt, "r+b") as f:
-    f.truncate(100)
-  os.remove(missing)
-  vocab = _vocab(train)
-  with caplog.at_level(logging.WARNING):
-    dataset = task_data.create_vqa_dataset(
-      train, WordTokenizer(), vocab, image_size=32, batch_size=6, seed=0, train=True
-    )
-    batches = [b for _, b in zip(range(12), dataset)]  # three epochs of 24 rows
-  assert os.path.basename(corrupt) in caplog.text or os.path.basename(missing) in caplog.text
-  bad = {e.question_id for e in train if e.image in (corrupt, missing)}
-  seen = np.concatenate([b["question_id"] for b in batches])
-  assert not bad & set(seen.tolist())
-  # Every epoch drops the 6 rows of the two images and counts them.
-  assert sum(int(b["skipped"].sum()) for b in batches) >= 12
-  # Evaluation keeps the rows (with their ids) and marks them invalid.
-  (eval_batch, *_) = list(
-    task_data.create_vqa_dataset(
-      train, WordTokenizer(), vocab, image_size=32, batch_size=24, seed=0, train=False
-    )
-  )
-  invalid = set(eval_batch["question_id"][~eval_batch["valid"]].tolist())
-  assert invalid == bad
+    nlvr2_data.read_nlvr2(str(jsonl), str(root))

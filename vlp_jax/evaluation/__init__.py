@@ -23,8 +23,9 @@ from jax.sharding import Mesh
 
 from vlp_jax import progress
 from vlp_jax.evaluation import agent_report, finetune, readers, report, rerank
-from vlp_jax.evaluation.embedding import DataError, Embedder, EmbedFn, ImageRef, Tokenizer
+from vlp_jax.evaluation.embedding import Embedder, EmbedFn, Tokenizer
 from vlp_jax.evaluation.tasks import TASK_NEEDS, TASKS, Result, Task, check_servable, create_tasks
+from vlp_jax.input_pipeline.image_sources import DataError, ImageRef
 
 __all__ = [
   "TASKS",

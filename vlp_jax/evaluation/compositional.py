@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.evaluation.embedding import ImageSource
+from vlp_jax.input_pipeline.image_sources import ImageSource
 
 PAD = -1  # Missing caption slot (CREPE items have different numbers of negatives).
 

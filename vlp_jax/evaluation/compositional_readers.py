@@ -31,8 +31,8 @@ import numpy as np
 from absl import logging
 
 from vlp_jax.evaluation.compositional import PAD, Interner, MatchingSet
-from vlp_jax.evaluation.embedding import DataError, ImageRef
-from vlp_jax.evaluation.readers import IMAGE_EXTENSIONS, read_json, read_text, require
+from vlp_jax.input_pipeline.dataset_files import IMAGE_EXTENSIONS, read_json, read_text, require
+from vlp_jax.input_pipeline.image_sources import DataError, ImageRef
 
 SUGARCREPE_SUBSETS = (
   "add_obj",

@@ -12,7 +12,6 @@ batch; the embeddings are gathered to every host and put back in order by row in
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,12 +24,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from vlp_jax import preemption, sharding
-from vlp_jax.config_lib import UserError
-from vlp_jax.input_pipeline import image_files, pipeline, records
-
-
-class DataError(UserError, ValueError):
-  """An evaluation file is missing or malformed; the message names the file and line/key."""
+from vlp_jax.input_pipeline.image_sources import ImageSource
 
 
 class Tokenizer(Protocol):
@@ -39,46 +33,6 @@ class Tokenizer(Protocol):
   context_length: int
 
   def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class ImageSource(Protocol):
-  def open(self) -> Image.Image: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRef:
-  """An image file or encoded bytes, cropped to `box` (left, top, right, bottom) if given."""
-
-  path: str = ""
-  data: bytes = b""
-  box: tuple[float, float, float, float] | None = None
-
-  def open(self) -> Image.Image:
-    data = self.data
-    if self.path:
-      try:
-        data = image_files.read_image_file(self.path)  # Bounded; never blocks on a FIFO.
-      except OSError as e:
-        raise DataError(f"cannot read image {self.path}: {e}") from e
-    try:
-      image = pipeline.open_image(data)
-    except pipeline.ImageError as e:
-      raise DataError(f"{self.path or 'image bytes'}: {e}") from e
-    return image.crop(self.box) if self.box else image
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordImage:
-  """The image of record `index` of ArrayRecord shards, read when it is embedded."""
-
-  source: Any  # grain.sources.ArrayRecordDataSource (thread-safe random access)
-  index: int
-
-  def open(self) -> Image.Image:
-    try:
-      return pipeline.open_image(records.decode_record(self.source[self.index])["image"])
-    except (records.RecordError, pipeline.ImageError) as e:
-      raise DataError(f"record {self.index}: {e}") from e
 
 
 def load_pixels(source: ImageSource, image_size: int) -> np.ndarray:

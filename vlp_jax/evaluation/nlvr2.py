@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
-from vlp_jax.input_pipeline.task_data import Nlvr2Example
+from vlp_jax.input_pipeline.nlvr2_data import Nlvr2Example
 
 
 def sentence_key(identifier: str) -> str:

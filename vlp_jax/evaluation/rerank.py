@@ -28,8 +28,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlp_jax import preemption, sharding
-from vlp_jax.evaluation.embedding import Embedder, ImageSource
+from vlp_jax.evaluation.embedding import Embedder
 from vlp_jax.evaluation.retrieval import BLOCK_ELEMENTS, DEFAULT_KS, metrics_from_ranks
+from vlp_jax.input_pipeline.image_sources import ImageSource
 
 MATCH_FNS = ("match_image", "match_score")
 

@@ -5,14 +5,9 @@ min(#matching annotators / 3, 1) averaged over the ten leave-one-out subsets of 
 annotators; answers are compared after `normalize_answer` only when the annotators
 disagree (as the script does: when all give the same string, the comparison is exact
 after trimming); overall and per answer type and question type in percent, rounded to
-two decimals. The normalisation itself is in input_pipeline/task_data.py, because the
-training targets use it too; it is re-exported here.
-
-The answer vocabulary is ViLT's (which VLC reuses): every question's
-`multiple_choice_answer`, normalised, counted once per question; answers counted at
-least `min_count` (9) times are kept, in order of first occurrence. Over VQAv2's train +
-val annotations that gives the 3,129 answers of ViLT/VLC. `count="annotators"` counts
-every annotator's answer instead.
+two decimals. The normalisation and ViLT's answer vocabulary are in
+input_pipeline/vqa_data.py, because the training targets and the fine-tuning head use
+them too; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,15 +17,14 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-from absl import logging
-
-from vlp_jax.input_pipeline.task_data import (
-  TaskDataError,
+from vlp_jax.input_pipeline.vqa_data import (
   VqaExample,
   answer_scores,
+  build_answer_vocab,
   normalize_answer,
-  read_text,
+  read_answer_vocab,
   soft_score,
+  write_answer_vocab,
 )
 
 __all__ = [
@@ -120,68 +114,6 @@ def write_vqa_results(path: str, predictions: Mapping[int, str]) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(results, f)
   os.replace(tmp, path)  # Never a half-written submission.
-
-
-def build_answer_vocab(
-  annotations: Iterable[VqaExample], min_count: int = 9, *, count: str = "multiple_choice"
-) -> list[str]:
-  """Normalised answers counted at least `min_count` times, in order of first
-  occurrence. `count`: "multiple_choice" (ViLT/VLC: each question's most common answer,
-  once) or "annotators" (every annotator answer)."""
-  if count not in ("multiple_choice", "annotators"):
-    raise ValueError(f"count={count!r} is not 'multiple_choice' or 'annotators'")
-  counts: Counter[str] = Counter()
-  for example in annotations:
-    if not example.answers:
-      raise ValueError(f"question {example.question_id} has no annotations")
-    if count == "multiple_choice":
-      counts[normalize_answer(example.multiple_choice_answer)] += 1
-    else:
-      counts.update(normalize_answer(a) for a in example.answers)
-  return [answer for answer, n in counts.items() if n >= min_count]
-
-
-def write_answer_vocab(path: str, answers: Sequence[str]) -> None:
-  """One answer per line, written atomically."""
-  bad = [a for a in answers if not a or "\n" in a or a != a.strip()]
-  if bad:
-    raise ValueError(f"answers cannot be written one per line: {bad[:5]}")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(f"{a}\n" for a in answers))
-  os.replace(tmp, path)
-
-
-def read_answer_vocab(path: str) -> list[str]:
-  """An answer vocabulary file, each answer normalised as the annotations are (so "Red"
-  and " yes" match the annotators' "red" and "yes"); an empty line, or one that repeats
-  another once normalised ("Two" after "2"), is an error naming it."""
-  lines = read_text(path).splitlines()
-  seen: dict[str, int] = {}
-  answers, changed = [], 0
-  for number, line in enumerate(lines, 1):
-    answer = normalize_answer(line)
-    if not answer:
-      raise TaskDataError(f"{path}:{number}: empty line")
-    if answer in seen:
-      raise TaskDataError(
-        f"{path}:{number}: {line!r} repeats line {seen[answer]} (both are {answer!r} once "
-        "normalised as VQA's metric does)"
-      )
-    seen[answer] = number
-    answers.append(answer)
-    changed += answer != line
-  if not answers:
-    raise TaskDataError(f"{path}: no answers")
-  if changed:
-    logging.warning(
-      "%s: %d of %d answers normalised as the annotations are (e.g. %r -> %r)",
-      path,
-      changed,
-      len(answers),
-      *next((line, a) for line, a in zip(lines, answers) if line != a),
-    )
-  return answers
 
 
 def majority_baseline(

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vlp_jax.methods import albef, cmask, contrastive, negclip, vlc, vlc_tasks
+from vlp_jax.methods import (
+  albef,
+  cmask,
+  contrastive,
+  negclip,
+  vlc,
+  vlc_classify,
+  vlc_nlvr2,
+  vlc_retrieval,
+  vlc_vqa,
+)
 from vlp_jax.methods.base import DataContext, Method, MethodContext, PredictFn
 
 # config.method -> builder. "contrastive" covers CLIP, SigLIP, FLIP / cluster / k-means
@@ -21,10 +31,11 @@ METHODS: dict[str, Callable[[MethodContext], Method]] = {
   "cmask": cmask.create,  # ALBEF + a masking agent and its curriculum (config.cmask).
   "vlc": vlc.create,  # VLC: single-stream MLM + MAE + ITM (config.vlc).
   # Fine-tuning a VLC run (config.finetune): VQAv2, NLVR2, ITM retrieval, classification.
-  "vlc_vqa": vlc_tasks.create_vqa,
-  "vlc_nlvr2": vlc_tasks.create_nlvr2,
-  "vlc_retrieval": vlc_tasks.create_retrieval,
-  "vlc_classify": vlc_tasks.create_classify,
+  # One module each over methods/vlc_finetune.py.
+  "vlc_vqa": vlc_vqa.create,
+  "vlc_nlvr2": vlc_nlvr2.create,
+  "vlc_retrieval": vlc_retrieval.create,
+  "vlc_classify": vlc_classify.create,
 }
 
 

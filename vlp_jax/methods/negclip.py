@@ -33,8 +33,8 @@ from absl import logging
 from PIL import Image
 
 from vlp_jax import losses
-from vlp_jax.evaluation.embedding import DataError, ImageSource, RecordImage
 from vlp_jax.input_pipeline import pipeline, records
+from vlp_jax.input_pipeline.image_sources import DataError, ImageSource, RecordImage
 from vlp_jax.input_pipeline.negatives import (
   NEGATIVE_ANY_SWAP,
   NEGATIVE_OTHER_CAPTION,

@@ -10,6 +10,7 @@ naming the file and the line or key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -17,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.evaluation.compositional import load_list
-from vlp_jax.evaluation.embedding import DataError, ImageRef, ImageSource
-from vlp_jax.evaluation.readers import (
+from vlp_jax.input_pipeline.dataset_files import (
   IMAGE_EXTENSIONS,
   DatasetSpec,
   is_wds,
@@ -30,6 +29,7 @@ from vlp_jax.evaluation.readers import (
   wds_samples,
   wds_tars,
 )
+from vlp_jax.input_pipeline.image_sources import DataError, ImageRef, ImageSource
 
 
 @dataclasses.dataclass
@@ -39,6 +39,13 @@ class ClassificationSet:
   labels: np.ndarray
   classnames: list[str]
   templates: list[str] | None = None  # from the dataset (wds), if it has its own
+
+
+def _packaged_list(name: str) -> list[str]:
+  """A list shipped in vlp_jax/evaluation/templates/, one entry per line (read as a file:
+  importing vlp_jax.evaluation from the input pipeline would invert the layers)."""
+  path = importlib.resources.files("vlp_jax").joinpath("evaluation", "templates", name)
+  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_class_folders(root: str, name: str = "") -> ClassificationSet:
@@ -63,7 +70,7 @@ def read_class_folders(root: str, name: str = "") -> ClassificationSet:
     labels.extend([label] * len(found))
   classnames = classes
   if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
-    classnames = load_list("imagenet_classnames.txt")  # WordNet ids -> CLIP's names
+    classnames = _packaged_list("imagenet_classnames.txt")  # WordNet ids -> CLIP's names
   return ClassificationSet(name or stem(root), images, np.asarray(labels), classnames)
 
 
