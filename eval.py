@@ -23,7 +23,9 @@ from vlp_jax import eval_runner as runner
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation import TASKS, task_names
 
-_CONFIG_HELP = "Config file (path[:arg]); default: the run's <workdir>/config.json."
+_CONFIG_HELP = (
+  "Config file (path[:arg]) or packaged config name; default: the run's <workdir>/config.json."
+)
 _CONFIG: flags.FlagHolder | None = None  # define_config_flag's, before the flags are parsed.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
@@ -57,7 +59,9 @@ def define_config_flag(argv: list[str]) -> flags.FlagHolder:
   except flags.Error:
     peek.workdir = None  # app.run's parse reports the malformed flag.
   if peek.config is not None or peek.workdir is None:
-    return config_flags.DEFINE_config_file("config", None, _CONFIG_HELP)
+    holder = cli.define_config_flag(help_string=_CONFIG_HELP)
+    flags.declare_key_flag("config")  # Defined in vlp_jax.cli; --helpshort lists it here.
+    return holder
   try:
     config = runner.load_run_config(peek.workdir)
   except (FileNotFoundError, ConfigError) as e:

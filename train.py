@@ -1,27 +1,18 @@
-r"""Trains a model from an ml_collections config.
+r"""Trains a model from an ml_collections config: vlp_jax/train.py, which also runs as
+`python -m vlp_jax.train` (installed, from any directory).
 
   python train.py --config=configs/demo.py --workdir=/tmp/demo
   python train.py --config=configs/clip_vitb16.py:variant=S/16 --workdir=... \
       --config.batch_size=64 --config.data.train=/data/shards
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from vlp_jax import cli, trainer
+import vlp_jax.train as entry
+from vlp_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
-  cli.initialize_distributed()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
+main = entry.main
+flags.adopt_module_key_flags(entry)  # --helpshort lists --config and --workdir.
 
 if __name__ == "__main__":
   cli.run(main)

@@ -55,7 +55,7 @@ _IMPORTED = time.perf_counter()
 
 def create_config(model: str, per_device_batch: int, num_devices: int, args: argparse.Namespace):
   """The model's real config at a global batch of per_device_batch x num_devices."""
-  from configs import albef_vitb16, clip_vitb16, vlc_vitb16
+  from vlp_jax.configs import albef_vitb16, clip_vitb16, vlc_vitb16
 
   batch = per_device_batch * num_devices
   builders: dict[str, Callable] = {

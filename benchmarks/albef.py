@@ -27,7 +27,7 @@ BERT_VOCAB, BERT_CLS, BERT_SEP, BERT_MASK = 30522, 101, 102, 103
 
 
 def clip_config(batch_size: int, smoke: bool):
-  from configs import clip_vitb16
+  from vlp_jax.configs import clip_vitb16
 
   config = clip_vitb16.get_config(f"batch_size={batch_size}")
   if smoke:
@@ -36,7 +36,7 @@ def clip_config(batch_size: int, smoke: bool):
 
 
 def albef_config(batch_size: int, smoke: bool):
-  from configs import albef_vitb16
+  from vlp_jax.configs import albef_vitb16
 
   config = albef_vitb16.get_config(f"batch_size={batch_size}")
   if smoke:
@@ -63,7 +63,7 @@ def _shrink(config) -> None:
 def cmask_config(batch_size: int, smoke: bool):
   """configs/cmask_vitb16.py mid-curriculum would mix agent and random masks; the
   benchmark measures the agent's full share (curriculum_steps 0)."""
-  from configs import cmask_vitb16
+  from vlp_jax.configs import cmask_vitb16
 
   config = cmask_vitb16.get_config(f"batch_size={batch_size},curriculum_steps=0")
   if smoke:

@@ -102,7 +102,7 @@ def train(variant: str, seed: int, steps: int, rerank_k: int, workdir: str, cach
   command = [
     sys.executable,
     os.path.join(common.ROOT, "train.py"),
-    f"--config={os.path.join(common.ROOT, 'configs/demo.py')}:method={method},steps={steps}",
+    f"--config={os.path.join(common.ROOT, 'vlp_jax/configs/demo.py')}:method={method},steps={steps}",
     f"--workdir={workdir}",
     f"--config.data.cache_dir={cache_dir}",
     f"--config.seed={seed}",

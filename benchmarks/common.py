@@ -90,7 +90,7 @@ def tokenizer_spec(config, vocab_size: int = VOCAB_SIZE):
 def jax_clip(variant: str, batch_size: int, **masking: object):
   """(state, step, masker, batch) for vlp_jax's CLIP (configs/clip_vitb16.py) on random data."""
   sys.path.insert(0, ROOT)
-  from configs import clip_vitb16
+  from vlp_jax.configs import clip_vitb16
 
   config = clip_vitb16.get_config(f"variant={variant},batch_size={batch_size}")
   with config.unlocked():

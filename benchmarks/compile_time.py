@@ -33,8 +33,8 @@ def measure(args: argparse.Namespace) -> dict:
   sys.path.insert(0, common.ROOT)
   import numpy as np
 
-  from configs import clip_vitb16
   from vlp_jax import checkpointing, experiment, sharding, trainer
+  from vlp_jax.configs import clip_vitb16
 
   scan = args.only == "scanned"
   config = clip_vitb16.get_config(f"variant={args.variant},batch_size={args.batch_size}")

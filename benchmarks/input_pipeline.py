@@ -211,7 +211,7 @@ def measure_tf_data(args: argparse.Namespace, threads: int, bicubic: bool) -> di
 def measure_demo_step(args: argparse.Namespace) -> dict:
   """Images/s the demo's jitted train step consumes (random data of the demo's shapes)."""
   sys.path.insert(0, common.ROOT)
-  from configs import demo
+  from vlp_jax.configs import demo
 
   config = demo.get_config()
   state, step_fn, _, batch = common.jax_step(config, vocab_size=1000)

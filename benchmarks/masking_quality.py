@@ -38,7 +38,7 @@ from typing import Any
 
 import common
 
-DEMO = os.path.join(common.ROOT, "configs/demo.py")
+DEMO = os.path.join(common.ROOT, "vlp_jax/configs/demo.py")
 KEEP_RULES = ("reference", "target")
 
 
@@ -80,7 +80,7 @@ RUN_OVERRIDES = {"eval.every_steps": 0, "log_every_steps": 10}
 def demo_config(strategy: Strategy, steps: int, extra: dict[str, Any] | None = None):
   """configs/demo.py as train.py builds it for `strategy` (plus `extra` keys)."""
   sys.path.insert(0, common.ROOT)
-  from configs import demo
+  from vlp_jax.configs import demo
 
   config = demo.get_config(f"masking={strategy.kind},steps={steps}")
   with config.unlocked():
@@ -240,7 +240,7 @@ def git_commit() -> dict[str, Any]:
     ).stdout.strip()
 
   # Others may have uncommitted edits in the shared tree: name the ones the runs import.
-  dirty = git("status", "--porcelain", "--", "vlp_jax", "configs", "train.py", "benchmarks")
+  dirty = git("status", "--porcelain", "--", "vlp_jax", "train.py", "benchmarks")
   return {"commit": git("rev-parse", "HEAD"), "uncommitted": dirty.splitlines()}
 
 

@@ -21,8 +21,8 @@ def measure(args: argparse.Namespace) -> dict:
   sys.path.insert(0, common.ROOT)
   import jax
 
-  from configs import lit_b16_bert
   from vlp_jax import peft
+  from vlp_jax.configs import lit_b16_bert
 
   config = lit_b16_bert.get_config(f"preset={args.only},batch_size={args.batch_size}")
   state, step_fn, _, batch = common.jax_step(config, vocab_size=30_522)

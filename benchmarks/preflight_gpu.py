@@ -36,12 +36,12 @@ from collections import defaultdict
 
 import common
 from absl import app, flags
-from ml_collections import config_flags
 
-sys.path.insert(0, common.ROOT)  # configs/ and vlp_jax from a checkout.
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", f"{common.ROOT}/configs/cluster_vitb16.py", "Config file (path[:arg])."
-)
+sys.path.insert(0, common.ROOT)  # vlp_jax from a checkout.
+from vlp_jax import cli
+
+_CONFIG = cli.define_config_flag(default="configs/cluster_vitb16.py")
+flags.declare_key_flag("config")
 _CONFIG_PATH = flags.FLAGS["config"]  # Its config_filename names the results file.
 _TOPOLOGY = flags.DEFINE_string("topology", "h100", "h100, h100:8, h200, a100 (gpu_targets).")
 _PER_DEVICE_BATCH = flags.DEFINE_integer(

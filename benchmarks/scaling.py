@@ -72,8 +72,8 @@ def measure_train(variant: str, axis: str, num_devices: int, per_device_batch: i
   import jax
   import numpy as np
 
-  from configs import clip_vitb16
   from vlp_jax import experiment, progress, sharding, trainer
+  from vlp_jax.configs import clip_vitb16
 
   batch = per_device_batch * num_devices
   config = clip_vitb16.get_config(f"variant={variant},batch_size={batch}")

@@ -99,8 +99,8 @@ def measure(args: argparse.Namespace) -> dict:
   sys.path.insert(0, common.ROOT)
   import jax
 
-  from configs import clip_vitb16, vlc_vitb16
   from vlp_jax import sharding
+  from vlp_jax.configs import clip_vitb16, vlc_vitb16
 
   mesh = sharding.create_mesh({"data": -1})
   config = vlc_vitb16.get_config(f"variant={args.variant},batch_size={args.batch_size}")

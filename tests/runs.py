@@ -68,6 +68,8 @@ def _script_module(script: str) -> ModuleType:
     for name in (defined | {"config"}) & set(flags.FLAGS):
       delattr(flags.FLAGS, name)
   _loaded_script.clear()
+  # train.py calls vlp_jax.train, whose flags were removed above: import it afresh.
+  sys.modules.pop("vlp_jax.train", None)
   before = set(flags.FLAGS)
   spec = importlib.util.spec_from_file_location(f"_entry_{Path(script).stem}", script)
   module = importlib.util.module_from_spec(spec)

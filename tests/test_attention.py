@@ -176,7 +176,7 @@ _FSDP_SCRIPT = textwrap.dedent(
   import sys
   sys.path[:0] = [{root!r}]
   import jax
-  from configs import clip_vitb16
+  from vlp_jax.configs import clip_vitb16
   from vlp_jax import experiment, progress, sharding, trainer
 
   config = clip_vitb16.get_config("variant=B/16,batch_size=64")

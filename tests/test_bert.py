@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from vlp_jax.configs import common
 from vlp_jax import peft
 from vlp_jax.input_pipeline.tokenizers import create_tokenizer
 from vlp_jax.models.bert import BertTextTower

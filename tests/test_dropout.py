@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import (
+from vlp_jax.configs import (
   albef_vitb16,
   clip_vitb16,
   cmask_vitb16,

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import clip_vitb16
+from vlp_jax.configs import clip_vitb16
 from vlp_jax import experiment, flops, progress, sharding, trainer
 
 

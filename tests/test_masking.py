@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config
+from vlp_jax.configs.common import base_config
 from vlp_jax import masking, trainer
 from vlp_jax.input_pipeline import builtin, pipeline, tokenizers
 from vlp_jax.masking import cluster

@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 from tests.runs import crash_after_logged_step, logged_losses
 from vlp_jax import trainer
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.configs.common import use_method
 from vlp_jax.methods import METHODS, Method, MethodContext, buffers
 
 GOLDEN = json.loads(Path(ROOT, "tests/golden/losses_before_methods.json").read_text())
@@ -34,6 +35,9 @@ VARIANTS = {
 
 
 def _set(config: ml_collections.ConfigDict, key: str, value) -> None:
+  if key == "method":  # With the method's own config blocks (config.negclip).
+    use_method(config, value)
+    return
   *parents, leaf = key.split(".")
   for part in parents:
     config = config[part]
@@ -240,8 +244,15 @@ LAYERS = (
   # Evaluation runs what methods predict: a method never imports evaluation (their shared
   # readers are in input_pipeline).
   ("vlp_jax.evaluation",),
+  ("vlp_jax.configs",),  # The base config merges the methods' own blocks.
   ("vlp_jax.experiment",),
-  ("vlp_jax.trainer", "vlp_jax.eval_runner", "vlp_jax.show_masks", "vlp_jax.preflight"),
+  (
+    "vlp_jax.trainer",
+    "vlp_jax.eval_runner",
+    "vlp_jax.show_masks",
+    "vlp_jax.preflight",
+    "vlp_jax.train",  # python -m vlp_jax.train, and train.py.
+  ),
 )
 
 

@@ -5,9 +5,10 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) compiles for TPUs")
 
-from configs import demo
 from tests.configs import tiny
 from vlp_jax import topology
+from vlp_jax.configs import demo
+from vlp_jax.configs.common import use_method
 from vlp_jax.preflight import fit, step
 
 SLICE = "v5e:2x2"
@@ -18,7 +19,7 @@ def _config(method: str):
   config = tiny.get_config()
   config.unlock()
   if method == "negclip":
-    config.method = "negclip"
+    use_method(config, "negclip")
   elif method != "contrastive":
     getattr(demo, f"use_{method}")(config)
     config.model.text.depth = 2 if method != "vlc" else config.model.text.depth

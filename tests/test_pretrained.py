@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lilt_b16_bert, lit_b16_bert, lit_demo, negclip_finetune
 from vlp_jax import experiment, peft, sharding, trainer
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.configs import lilt_b16_bert, lit_b16_bert, lit_demo, negclip_finetune
+from vlp_jax.configs.common import use_method
 from vlp_jax.methods import negclip as methods_negclip
 from vlp_jax.weights import hf_bert
 from vlp_jax.weights.state_dict import flatten
@@ -100,7 +101,7 @@ def trainer_batches(exp, num):
 
 
 def test_negclip_run_mines_hard_images_and_trains(tiny_config, tmp_path):
-  tiny_config.method = "negclip"
+  use_method(tiny_config, "negclip")
   tiny_config.negclip.tagger = "lexicon"
   tiny_config.total_steps = 3
   workdir = Path(tmp_path, "run")
@@ -114,7 +115,7 @@ def test_negclip_run_mines_hard_images_and_trains(tiny_config, tmp_path):
 
 
 def test_negclip_refuses_an_unknown_tagger_before_any_compute(tiny_config, tmp_path):
-  tiny_config.method = "negclip"
+  use_method(tiny_config, "negclip")
   tiny_config.negclip.tagger = "nltk"
   with pytest.raises(ConfigError, match=r"config\.negclip\.tagger"):
     trainer.create_experiment(tiny_config, str(tmp_path))

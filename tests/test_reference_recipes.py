@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from configs import common, vlc_classify, vlc_nlvr2, vlc_retrieval, vlc_vitb16, vlc_vqa
 from vlp_jax import config_lib
+from vlp_jax.configs import common, vlc_classify, vlc_nlvr2, vlc_retrieval, vlc_vitb16, vlc_vqa
 
 CONFIGS = {
   "vlc_vitb16": vlc_vitb16.get_config,
@@ -240,7 +240,7 @@ def test_recipe_default_is_the_reference_value(configs, name, key, expected, sou
 
 def test_recipes_pass_the_rules_and_state_epochs_as_the_reference(configs):
   for config in configs.values():
-    config_lib.check_rules(config, common.RULES)
+    config_lib.check_rules(config, common.config_rules(config.method))
   # Warm-up 10% of every fine-tuning run (vlc/config.py: warmup_steps = 0.1), epochs as
   # vlc/config.py's max_epoch: VQA 10 over ~650k questions at 256, NLVR2 20 over 86,373 at
   # 128, COCO 20 and Flickr30k 10 over their captions at 256.
@@ -260,6 +260,6 @@ def test_the_switches_turn_the_reference_extras_off():
   assert not config.vlc.wpa and not config.data.flip
   assert vlc_retrieval.get_config("itm_weight=0.5").finetune.itm_weight == 0.5
   assert vlc_vqa.get_config("image_size=384,lr=1e-4").optim.lr == 1e-4
-  # The base defaults every method reads (configs/common.py) are the reference's too.
-  base = common.base_config()
+  # The defaults of the VLC fine-tuning methods' configs are the reference's too.
+  base = common.base_config("vlc_retrieval")
   assert base.vlc.wpa and base.vlc.wpa_weight == 0.1 and base.finetune.itm_weight == 0.0

@@ -26,7 +26,6 @@ import pytest
 from grain._src.python.checkpoint import handler as grain_handler
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 
-from configs import common
 from tests.conftest import ROOT
 from tests.runs import (
   ScriptResult,
@@ -37,6 +36,8 @@ from tests.runs import (
 )
 from vlp_jax import checkpointing, config_lib, processes, progress, workdir_lock
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.configs import common
+from vlp_jax.methods import METHODS
 
 
 # Every process a test starts ends with pytest, however pytest ends.
@@ -64,20 +65,26 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = ""):
       yield f"{prefix}{key}", config.get_type(key)  # Declared: also of a None default.
 
 
-def test_every_numeric_field_has_a_rule_and_every_rule_a_field():
-  fields = dict(_fields(common.base_config()))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_numeric_field_has_a_rule_and_every_rule_a_field(method):
+  # The base config's fields and rules, and those of the method's own blocks.
+  fields = dict(_fields(common.base_config(method)))
+  rules = common.config_rules(method)
   numeric = {k for k, t in fields.items() if t in (int, float, tuple)}
-  assert sorted(numeric - set(common.RULES)) == [], "numeric fields without a rule"
-  assert sorted(set(common.RULES) - set(fields)) == [], "rules naming no field"
+  assert sorted(numeric - set(rules)) == [], "numeric fields without a rule"
+  assert sorted(set(rules) - set(fields)) == [], "rules naming no field"
 
 
 def test_every_shipped_config_passes_the_rules(cache_dir):
   names = [
-    p.stem for p in Path(ROOT, "configs").glob("*.py") if p.stem not in ("__init__", "common")
+    p.stem
+    for p in Path(ROOT, "vlp_jax/configs").glob("*.py")
+    if p.stem not in ("__init__", "common", "model")
   ]
   assert names
   for name in names:
-    config_lib.check_rules(importlib.import_module(f"configs.{name}").get_config(), common.RULES)
+    config = importlib.import_module(f"vlp_jax.configs.{name}").get_config()
+    config_lib.check_rules(config, common.config_rules(config.method))
   from tests.configs import tiny
 
   config_lib.check_rules(tiny.get_config(f"cache_dir={cache_dir}"), common.RULES)

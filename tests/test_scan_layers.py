@@ -300,7 +300,7 @@ def test_checkpoints_restore_across_layouts_both_ways(
 
 @pytest.mark.parametrize("method", ["albef", "vlc", "bert_text"])
 def test_towers_without_a_scanned_layout_refuse_it_by_name(method):
-  from configs import demo
+  from vlp_jax.configs import demo
   from vlp_jax.methods import vlc
   from vlp_jax.models.albef import create_albef_model
 

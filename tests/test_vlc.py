@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import demo
+from vlp_jax.configs import demo
 from tests.runs import logged_losses
 from vlp_jax import experiment, optim, sharding, trainer
 from vlp_jax.input_pipeline import tokenizers

@@ -191,7 +191,7 @@ def test_small_custom_config(small):
 
 
 def test_config_fields_build_the_model(small):
-  from configs import common
+  from vlp_jax.configs import common
   from vlp_jax.models import create_model
 
   timm_fields = {

@@ -8,12 +8,13 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from vlp_jax.config_lib import UserError
+from vlp_jax.config_lib import ConfigError, UserError
 
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address",
@@ -57,6 +58,56 @@ class _DropLibraryInfo(py_logging.Filter):
     if not self.keep_tracebacks:
       record.exc_info, record.exc_text = None, None
     return True
+
+
+def resolve_config_file(path: str) -> str:
+  """`path` where it exists; else the packaged config (vlp_jax/configs) it names: a path
+  ending in configs/<name>.py (README's "configs/demo.py" from any directory, after `pip
+  install .` too), "<name>.py" or "<name>". A file of the user's own at `path` wins."""
+  if os.path.exists(path):
+    return path
+  folder, name = os.path.split(path)
+  name = name if name.endswith(".py") else f"{name}.py"
+  packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+  if os.path.basename(folder) in ("", "configs") and os.path.isfile(os.path.join(packaged, name)):
+    return os.path.join(packaged, name)
+  known = [f[:-3] for f in sorted(os.listdir(packaged)) if f.endswith(".py")]
+  known = [n for n in known if n not in ("__init__", "common")]
+  raise ConfigError(f"config file {path!r} does not exist; packaged configs: {', '.join(known)}")
+
+
+class _ResolvingParser(flags.ArgumentParser):
+  """ml_collections' "path[:arg]" config file parser, the path resolved first
+  (resolve_config_file)."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+
+  def parse(self, argument: str) -> Any:
+    path, sep, arg = argument.partition(":")
+    return self._parser.parse(resolve_config_file(path) + sep + arg)
+
+  def flag_type(self) -> str:
+    return self._parser.flag_type()
+
+
+def define_config_flag(
+  name: str = "config",
+  help_string: str = "Config file (path[:arg]) or packaged config name.",
+  default: str | None = None,
+  flag_values: flags.FlagValues = flags.FLAGS,
+  sys_argv: list[str] | None = None,
+) -> flags.FlagHolder:
+  """A --config flag (with --config.<field>=value overrides) that also takes the packaged
+  configs by name or by README's path from any directory (resolve_config_file);
+  `flag_values` and `sys_argv` as ml_collections' DEFINE_config_file. The caller declares
+  it a key flag (flags.declare_key_flag) for --helpshort to list it."""
+  default = resolve_config_file(default) if default else None
+  holder = config_flags.DEFINE_config_file(
+    name, default, help_string, flag_values=flag_values, sys_argv=sys_argv
+  )
+  flag_values[name].parser = _ResolvingParser(flag_values[name].parser)
+  return holder
 
 
 def log_to_absl_at_info() -> None:
@@ -120,7 +171,7 @@ def _unknown_config_key(error: Exception, argv: list[str]) -> str | None:
   if not (match := re.fullmatch(r"""['"]?([\w-]+)['"]?""", first.strip())):
     return None
   key = match.group(1)
-  pattern = rf"--?\w+(\.\w+)*\.{re.escape(key)}(=|$)"
+  pattern = rf"--?\w+(\.\w+)*\.{re.escape(key)}(\.\w+)*(=|$)"  # A leaf or a parent.
   flag = next((a for a in argv[1:] if re.match(pattern, a)), None)
   if flag is None:
     return None

@@ -17,6 +17,7 @@ from absl import logging
 
 from vlp_jax import checkpointing, config_lib, evaluation, experiment, progress, trainer
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.configs import common
 from vlp_jax.evaluation import report
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.weights.convert import RUN_CONFIG_FILE, TOKENIZER_FILE
@@ -36,7 +37,7 @@ def load_run_config(
 ) -> ml_collections.ConfigDict:
   """The locked config of the run in `workdir`, from its config.json.
 
-  The JSON values go onto `base` (default: configs/common.py's base_config()), which
+  The JSON values go onto `base` (default: vlp_jax.configs.common's, run_base), which
   gives them their types back (tuples, None-valued FieldReferences, floats); a key the
   base config lacks fails with a ConfigError naming it, a missing file or workdir with a
   FileNotFoundError.
@@ -50,10 +51,8 @@ def load_run_config(
     )
   with open(path) as f:
     values = json.load(f)
-  if base is None:
-    from configs.common import base_config  # configs/ lies beside eval.py, not in vlp_jax.
-
-    base = base_config()
+  if base is None:  # The run's method's base config: its blocks, no other method's.
+    base, values = common.run_base(values)
   return overlay_config(base, values, path)
 
 

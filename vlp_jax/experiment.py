@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from vlp_jax import config_lib, evaluation, methods, optim, pretrained, sharding
 from vlp_jax.config_lib import ConfigError
+from vlp_jax.configs import common
 from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
 from vlp_jax.methods import Method, MethodContext
 
@@ -185,6 +186,25 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     )
 
 
+def _check_method_blocks(config: ml_collections.ConfigDict) -> None:
+  """The blocks config.method reads are there, and no other method's: a config built for
+  one method and switched by --config.method=... fails here, naming the block."""
+  own = {block.name for block in methods.config_blocks(config.method)}
+  for name, owners in methods.block_owners().items():
+    if name in own and name not in config:
+      raise ConfigError(
+        f"config.method={config.method!r} reads config.{name}, which this config lacks: "
+        "choose the method in the config file (e.g. configs/demo.py:method="
+        f"{config.method}) or build it with vlp_jax.configs.common.base_config / use_method"
+      )
+    if name not in own and name in config:
+      raise ConfigError(
+        f"config.{name} is a block of config.method {' / '.join(owners)}, not of "
+        f"{config.method!r}: choose the method in the config file (or use_method), which "
+        "leaves out the blocks the method does not read"
+      )
+
+
 def create_mesh(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
@@ -198,12 +218,12 @@ def create_mesh(
 
 def check_step_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   """What the step needs of the config, checked before any compute (ConfigError naming
-  the key): the rules of configs/common.py, the method, the batch sizes over `mesh`."""
-  from configs.common import RULES  # configs/ lies beside train.py, not in vlp_jax.
-
-  config_lib.check_rules(config, RULES)
+  the key): the method and its config blocks, the rules of the base config
+  (vlp_jax/configs) and of the method's blocks, the batch sizes over `mesh`."""
   if config.method not in methods.METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of {sorted(methods.METHODS)}")
+  _check_method_blocks(config)
+  config_lib.check_rules(config, common.config_rules(config.method))
   if config.loss.kind == "negclip":
     raise ConfigError("config.loss.kind='negclip' is now config.method='negclip'")
   _check_batch_sizes(config, mesh)

@@ -62,9 +62,9 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
 
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).")
+  _CONFIG = cli.define_config_flag()
+  flags.declare_key_flag("config")  # Defined in vlp_jax.cli; --helpshort lists it here.
   _OUT = flags.DEFINE_string("out", "masks.png", "Output PNG.")
   _KINDS = flags.DEFINE_list("kinds", ["random", "cluster", "kmeans"], "Rows to draw.")
   _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images per row.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import demo
 from vlp_jax import config_lib
+from vlp_jax.configs import demo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

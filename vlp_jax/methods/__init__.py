@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vlp_jax.config_lib import ConfigBlock
 from vlp_jax.methods import (
   albef,
   cmask,
@@ -39,6 +40,36 @@ METHODS: dict[str, Callable[[MethodContext], Method]] = {
 }
 
 
+# config.method -> the config blocks it reads beyond the base config (vlp_jax/configs/
+# common.py), each declared on its method's module (defaults and rules): base_config(method)
+# merges them, so a run's config.json carries only its own. A method not listed has none.
+CONFIG_BLOCKS: dict[str, tuple[ConfigBlock, ...]] = {
+  "negclip": (negclip.CONFIG_BLOCK,),
+  "albef": (albef.CONFIG_BLOCK,),
+  "cmask": (albef.CONFIG_BLOCK, cmask.CONFIG_BLOCK),
+  "vlc": (vlc.CONFIG_BLOCK,),
+  # The fine-tuning methods build VLC's encoder (and read its decoder fields).
+  "vlc_vqa": (vlc.CONFIG_BLOCK,),
+  "vlc_nlvr2": (vlc.CONFIG_BLOCK,),
+  "vlc_retrieval": (vlc.CONFIG_BLOCK,),
+  "vlc_classify": (vlc.CONFIG_BLOCK,),
+}
+
+
+def config_blocks(method: str) -> tuple[ConfigBlock, ...]:
+  """The config blocks of `method` (none for a method not in CONFIG_BLOCKS)."""
+  return CONFIG_BLOCKS.get(method, ())
+
+
+def block_owners() -> dict[str, list[str]]:
+  """Every method block's name -> the methods that read it."""
+  owners: dict[str, list[str]] = {}
+  for method, blocks in CONFIG_BLOCKS.items():
+    for block in blocks:
+      owners.setdefault(block.name, []).append(method)
+  return owners
+
+
 def create_method(ctx: MethodContext) -> Method:
   """The configured method (ValueError naming config.method or another bad key)."""
   name = ctx.config.method
@@ -47,4 +78,14 @@ def create_method(ctx: MethodContext) -> Method:
   return METHODS[name](ctx)
 
 
-__all__ = ["METHODS", "DataContext", "Method", "MethodContext", "PredictFn", "create_method"]
+__all__ = [
+  "CONFIG_BLOCKS",
+  "METHODS",
+  "DataContext",
+  "Method",
+  "MethodContext",
+  "PredictFn",
+  "block_owners",
+  "config_blocks",
+  "create_method",
+]

@@ -37,8 +37,10 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vlp_jax import losses, pretrained
+from vlp_jax.config_lib import ConfigBlock, at_least, each, in_range, positive
 from vlp_jax.masking import text as text_masking
 from vlp_jax.methods import buffers
 from vlp_jax.methods.albef_parts import (
@@ -371,3 +373,60 @@ def create(ctx: MethodContext, **overrides: Any) -> Albef:
   fields.update(overrides)
   cls = fields.pop("cls", Albef)
   return cls(**fields)
+
+
+# ---------------------------------------------------------------- config.albef
+
+
+def _config_defaults() -> ml_collections.ConfigDict:
+  """config.albef (ALBEF's, and CMask's beneath its agent): ITA (momentum-distilled
+  InfoNCE over batch + queue), ITM (hard negatives) and MLM (momentum-distilled). The text
+  encoder is config.model.text (kind "bert"), its layers from fusion_layer on cross-attend
+  to the image tokens; config.model.embed_dim is the ITA width (256)."""
+  block = ml_collections.ConfigDict()
+  block.fusion_layer = 6  # First text layer with cross-attention (BERT-base: 6 of 12).
+  block.momentum = 0.995  # EMA of the momentum encoders, updated before they run.
+  # Momentum features kept per modality (ALBEF: 65,536); a multiple of batch_size.
+  block.queue_size = 65_536
+  # Steps during which ITA contrasts the batch alone (the queues still fill). 0, as ALBEF,
+  # whose towers start pretrained; from random init the towers' features are nearly one
+  # vector, and stale queue rows let ITA fall by drifting the batch away from them
+  # instead of telling its pairs apart (configs/demo.py's ALBEF never learned ITA).
+  block.queue_warmup_steps = 0
+  block.alpha = 0.4  # Weight of the momentum model's soft targets (ITA and MLM).
+  # alpha rises linearly from 0 over these steps; 0: one epoch of config.data.train.
+  block.alpha_ramp_steps = 0
+  block.temperature = 0.07  # Initial ITA temperature (learned, clamped below).
+  block.temperature_min = 0.001
+  block.temperature_max = 0.5
+  block.mlm_probability = 0.15  # Share of tokens (not pad, [CLS]) masked for MLM.
+  # How a masked token is replaced: [MASK], a random id, unchanged (BERT's 80/10/10).
+  block.mlm_replace = (0.8, 0.1, 0.1)
+  block.ita_weight = 1.0  # Loss weights (ALBEF: all equal).
+  block.itm_weight = 1.0
+  block.mlm_weight = 1.0
+  return block
+
+
+# The block a run of this method carries (vlp_jax.configs.common.base_config(method)) and
+# the valid range of its numeric fields, checked before any compute.
+CONFIG_BLOCK = ConfigBlock(
+  "albef",
+  _config_defaults,
+  {
+    "fusion_layer": at_least(0),  # <= model.text.depth: methods/albef.py.
+    "momentum": in_range(0, 1),
+    "queue_size": at_least(1),  # A multiple of batch_size: methods/albef.py.
+    "queue_warmup_steps": at_least(0),
+    "alpha": in_range(0, 1),
+    "alpha_ramp_steps": at_least(0),  # 0: one epoch.
+    "temperature": positive(),
+    "temperature_min": positive(),
+    "temperature_max": positive(),
+    "mlm_probability": in_range(0, 1),
+    "mlm_replace": each(in_range(0, 1), length=3),
+    "ita_weight": at_least(0),
+    "itm_weight": at_least(0),
+    "mlm_weight": at_least(0),
+  },
+)

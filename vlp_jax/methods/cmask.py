@@ -29,8 +29,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from vlp_jax.config_lib import ConfigBlock, at_least, in_range, positive
 from vlp_jax.masking import curriculum
 from vlp_jax.masking import text as text_masking
 from vlp_jax.methods import albef
@@ -247,3 +249,56 @@ def create(ctx: MethodContext) -> CMask:
     agent_lr=cmask.agent_lr,
     report_name=f"vlp_jax-CMask-ViT-{ctx.config.model.image.variant}",
   )
+
+
+# ---------------------------------------------------------------- config.cmask
+
+
+def _config_defaults() -> ml_collections.ConfigDict:
+  """config.cmask: ALBEF (config.albef) whose MLM tokens a masking agent picks, trained in
+  the same step with REINFORCE on the information flow from the image into the tokens it
+  masks."""
+  block = ml_collections.ConfigDict()
+  block.mask_ratio = 0.3  # Tokens masked per caption: round(ratio x length).
+  # The agent's share of each caption's masks rises linearly from 0 (random masking) to 1
+  # over these steps; 0: the agent from the first step.
+  block.curriculum_steps = 10_000
+  block.agent_layers = 2  # Agent-owned cross-attention layers.
+  block.agent_width = 0  # Their width; 0: the text encoder's.
+  block.agent_heads = 0  # 0: the text encoder's.
+  block.agent_mlp_dim = 0  # 0: the text encoder's.
+  block.agent_lr = 1e-4  # Adam, constant, clipped at global norm 1.
+  block.agent_weight = 1.0  # Weight of the REINFORCE loss in the total.
+  block.entropy_coef = 0.01  # Entropy bonus of the agent's token softmax.
+  block.baseline_momentum = 0.99  # Running-mean reward baseline.
+  # Reward = flow + gain_weight x the MLM-loss drop the image brings (a second,
+  # image-free fusion pass); 0: flow only.
+  block.gain_weight = 0.0
+  # Span masking: the agent picks span starts, each grown right by a geometric length
+  # (SpanBERT: p 0.2, at most 10 tokens); span_max_length 0: single tokens.
+  block.span_p = 0.2
+  block.span_max_length = 0
+  return block
+
+
+# The block a run of this method carries (vlp_jax.configs.common.base_config(method)) and
+# the valid range of its numeric fields, checked before any compute.
+CONFIG_BLOCK = ConfigBlock(
+  "cmask",
+  _config_defaults,
+  {
+    "mask_ratio": in_range(0, 1, include_low=False),  # 0 masks nothing: no MLM loss.
+    "curriculum_steps": at_least(0),  # 0: the agent from the first step.
+    "agent_layers": at_least(1),
+    "agent_width": at_least(0),  # 0: the text encoder's.
+    "agent_heads": at_least(0),
+    "agent_mlp_dim": at_least(0),
+    "agent_lr": positive(),
+    "agent_weight": at_least(0),
+    "entropy_coef": at_least(0),
+    "baseline_momentum": in_range(0, 1, include_high=False),
+    "gain_weight": at_least(0),
+    "span_p": in_range(0, 1),
+    "span_max_length": at_least(0),  # 0: single tokens.
+  },
+)

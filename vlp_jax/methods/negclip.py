@@ -28,11 +28,13 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from vlp_jax import losses
+from vlp_jax.config_lib import ConfigBlock, at_least
 from vlp_jax.input_pipeline import pipeline, records
 from vlp_jax.input_pipeline.image_sources import DataError, ImageSource, RecordImage
 from vlp_jax.input_pipeline.negatives import (
@@ -363,3 +365,30 @@ def create(ctx: MethodContext) -> NegClip:
     tagger=tagger,
     block_size=config.negclip.block_size,
   )
+
+
+# ---------------------------------------------------------------- config.negclip
+
+
+def _config_defaults() -> ml_collections.ConfigDict:
+  """config.negclip: hard images are every record's nearest neighbour by the starting
+  model's image embedding (mined once per run into the workdir), negatives swap two
+  same-part-of-speech words or noun phrases."""
+  block = ml_collections.ConfigDict()
+  # Tagger: "auto" (spaCy's en_core_web_sm if installed, else the lexicon), "lexicon" (the
+  # built-in dataset's words), "spacy" or "spacy:<model>" (pip install spacy && python -m
+  # spacy download en_core_web_sm).
+  block.tagger = "auto"
+  block.block_size = 4096  # Embeddings compared per block when mining.
+  return block
+
+
+# The block a run of this method carries (vlp_jax.configs.common.base_config(method)) and
+# the valid range of its numeric fields, checked before any compute.
+CONFIG_BLOCK = ConfigBlock(
+  "negclip",
+  _config_defaults,
+  {
+    "block_size": at_least(1),
+  },
+)

@@ -30,7 +30,7 @@ import ml_collections
 import optax
 
 from vlp_jax import losses, optim, pretrained
-from vlp_jax.config_lib import ConfigError
+from vlp_jax.config_lib import ConfigBlock, ConfigError, at_least, in_range
 from vlp_jax.input_pipeline.pipeline import RowExtension, WithWordIds
 from vlp_jax.masking import random as random_masking
 from vlp_jax.masking import text as text_masking
@@ -387,3 +387,53 @@ def create(ctx: MethodContext) -> Vlc:
     init_specs=specs,
     report_name=f"vlp_jax-VLC-ViT-{image.variant}-{image.image_size}px",
   )
+
+
+# ---------------------------------------------------------------- config.vlc
+
+
+def _config_defaults() -> ml_collections.ConfigDict:
+  """config.vlc (VLC, and its fine-tuning methods' encoder): one single-stream transformer
+  over [text; image] trained with MLM + MAE + ITM. The encoder is config.model.image's ViT
+  in MAE's layout (layer_norm_eps, patch_bias, mean / std apply; pre_norm and pool do not:
+  no ln_pre, every token through the final norm, the text's [CLS] pooled); its text side
+  reads config.model.text's context_length, max_positions, vocab_size and layer_norm_eps.
+  An MAE checkpoint (encoder and decoder): config.model.image.init."""
+  block = ml_collections.ConfigDict()
+  block.mlm_ratio = 0.15  # Share of words (whole_word) or tokens predicted by MLM.
+  block.whole_word = True  # Mask every piece of a selected word (tokens_word_ids).
+  block.mask_ratio = 0.6  # Share of patches dropped from the encoder, in both passes.
+  block.norm_pix_loss = True  # MAE's target: pixels normalised per patch.
+  block.mlm_weight = 1.0  # Loss weights (VLC: all 1).
+  block.mae_weight = 1.0  # 0 also skips the decoder.
+  block.itm_weight = 1.0
+  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight: on
+  # at 0.1, as VLC's pretraining (compute_itm_wpa adds 0.1 x the OT loss to every step).
+  block.wpa = True
+  block.wpa_weight = 0.1
+  # MAE decoder on the fused image tokens (MAE's ViT-B: 512 wide, 8 blocks, 16 heads).
+  block.decoder_width = 512
+  block.decoder_depth = 8
+  block.decoder_num_heads = 16
+  block.decoder_mlp_dim = 2048
+  return block
+
+
+# The block a run of this method carries (vlp_jax.configs.common.base_config(method)) and
+# the valid range of its numeric fields, checked before any compute.
+CONFIG_BLOCK = ConfigBlock(
+  "vlc",
+  _config_defaults,
+  {
+    "mlm_ratio": in_range(0, 1),
+    "mask_ratio": in_range(0, 1, include_high=False),  # Keeps >= 1 patch: methods/vlc.py.
+    "mlm_weight": at_least(0),
+    "mae_weight": at_least(0),
+    "itm_weight": at_least(0),
+    "wpa_weight": at_least(0),
+    "decoder_width": at_least(4),  # A multiple of 4 (sin-cos positions): methods/vlc.py.
+    "decoder_depth": at_least(1),
+    "decoder_num_heads": at_least(1),
+    "decoder_mlp_dim": at_least(1),
+  },
+)

@@ -15,7 +15,6 @@ import re
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 # A CPU host: jax's own backend stays on the CPU (no probing for a TPU); set before jax
 # initialises its backends. The topology's devices come from the compiler, deviceless.
@@ -24,7 +23,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from vlp_jax import cli, topology
 from vlp_jax.preflight import fit, step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).")
+_CONFIG = cli.define_config_flag()
+flags.declare_key_flag("config")  # Defined in vlp_jax.cli; --helpshort lists it here.
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "The slice to compile for: v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2, h100:8..."
 )

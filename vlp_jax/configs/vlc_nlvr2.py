@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import vlc_vitb16, vlc_vqa
 from vlp_jax import config_lib
+from vlp_jax.configs import vlc_vitb16, vlc_vqa
 
 # 20 epochs over NLVR2's 86,373 training statements at batch 128.
 NLVR2_STEPS = 13_500

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config, use_method
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def use_albef(config: ml_collections.ConfigDict) -> None:
   """The demo's ALBEF: the same image tower, a BERT-style text encoder (2 text-only +
   2 fusion layers) and a queue of 16 batches (ALBEF's 65,536 would outlast the data)."""
-  config.method = "albef"
+  use_method(config, "albef")
   config.model.text.kind = "bert"
   config.albef.fusion_layer = 2
   config.albef.queue_size = 16 * config.batch_size
@@ -86,7 +86,7 @@ def use_cmask(config: ml_collections.ConfigDict) -> None:
   random masks handed over to the agent during the first half of the run, rewarded by
   information flow plus the image's MLM gain."""
   use_albef(config)
-  config.method = "cmask"
+  use_method(config, "cmask")
   config.cmask.agent_layers = 1
   config.cmask.curriculum_steps = config.total_steps // 2
   config.cmask.agent_lr = 1e-3
@@ -100,10 +100,10 @@ def use_cmask(config: ml_collections.ConfigDict) -> None:
 
 def use_vlc(config: ml_collections.ConfigDict) -> None:
   """The demo's VLC: the mu/8 ViT in MAE's layout as the single-stream encoder, a 2-block
-  decoder, VLC's losses (word-patch alignment at 0.1 included, configs/common.py), and no
+  decoder, VLC's losses (word-patch alignment at 0.1 included, config.vlc), and no
   evaluation task (every existing one needs embeddings, which a single-stream model does
   not have). Crops and flips stay the demo's: its captions say "left of"."""
-  config.method = "vlc"
+  use_method(config, "vlc")
   config.model.image.layer_norm_eps = 1e-6  # MAE's layout, as configs/vlc_vitb16.py.
   config.model.image.patch_bias = True
   config.model.image.pre_norm = False

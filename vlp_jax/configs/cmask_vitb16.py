@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import albef_vitb16
 from vlp_jax import config_lib
+from vlp_jax.configs import albef_vitb16
+from vlp_jax.configs.common import use_method
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(arg, batch_size=512, epochs=30.0, curriculum_steps=10_000)
   config = albef_vitb16.get_config(f"batch_size={args.batch_size},epochs={args.epochs}")
   config.unlock()
-  config.method = "cmask"
+  use_method(config, "cmask")  # Keeps the ALBEF recipe's config.albef.
   config.cmask.mask_ratio = 0.3
   config.cmask.curriculum_steps = args.curriculum_steps
   config.cmask.agent_layers = 2

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import vlc_vitb16, vlc_vqa
 from vlp_jax import config_lib
+from vlp_jax.configs import vlc_vitb16, vlc_vqa
 
 # Epochs over the training captions at batch 256 (COCO Karpathy train + restval: 566k
 # captions, 20 epochs; Flickr30k: 145k captions, 10 epochs), as the reference.

@@ -1,9 +1,16 @@
-"""Defaults shared by every config; each config file changes only what differs."""
+"""The base config: what the trainer, data pipeline, mesh and evaluator read, with
+defaults; each config file changes only what differs. A method's own fields (config.albef,
+config.vlc, ...) are declared on its module (vlp_jax/methods, CONFIG_BLOCKS) and merged by
+base_config(method) / use_method, so a run's config.json carries only its method's."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
+from vlp_jax import methods
 from vlp_jax.config_lib import (
   EVAL_TASKS,
   Rule,
@@ -14,15 +21,18 @@ from vlp_jax.config_lib import (
   one_of_or,
   positive,
 )
+from vlp_jax.configs import model
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """All fields a run reads, with defaults; variant configs override a few."""
+def base_config(method: str = "contrastive") -> ml_collections.ConfigDict:
+  """Every field a run of `method` reads, with defaults: the base fields below and the
+  method's own blocks (methods.CONFIG_BLOCKS); variant configs override a few."""
   config = ml_collections.ConfigDict()
   # Training method (vlp_jax/methods): "contrastive" (CLIP, SigLIP, FLIP / cluster
-  # masking, LiT / LilT / LoRA: config.loss, masking, peft), "negclip", "albef" or "vlc";
-  # fine-tuning a VLC run: "vlc_vqa", "vlc_nlvr2", "vlc_retrieval", "vlc_classify".
-  config.method = "contrastive"
+  # masking, LiT / LilT / LoRA: config.loss, masking, peft), "negclip", "albef", "cmask" or
+  # "vlc"; fine-tuning a VLC run: "vlc_vqa", "vlc_nlvr2", "vlc_retrieval", "vlc_classify".
+  # Set by base_config(method) or use_method, which also bring the method's own blocks.
+  config.method = method
   config.seed = 0  # Seeds initialisation, data order, augmentation and masking.
   config.batch_size = 256  # Global batch (all processes together).
   config.total_steps = 0  # Training steps; 0 derives them from num_epochs.
@@ -32,83 +42,20 @@ def base_config() -> ml_collections.ConfigDict:
   # "tensor" > 1 splits the transformer's MLP and attention weights (Megatron-style).
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
-  config.model = ml_collections.ConfigDict()
-  config.model.embed_dim = 512  # Joint embedding width.
-  config.model.activation = "gelu"  # "gelu" (exact) or "quick_gelu" (OpenAI CLIP).
-  # Compute dtype; params stay float32 (master weights), logits, softmax, layer-norm
-  # statistics and losses are float32. "auto": bfloat16 on GPU/TPU, float32 on CPU.
-  config.model.dtype = "auto"
-  # Attention kernel: "auto" (cuDNN flash attention on NVIDIA GPUs where dtype and head
-  # size allow, XLA elsewhere), "xla", or "cudnn" (fails before compute where it cannot run).
-  config.model.attention = "auto"
-  # Activation rematerialisation: "none", "full" (recompute blocks: least memory) or
-  # "dots" (keep matmul outputs, recompute elementwise ops).
-  config.model.remat = "none"
-  # One nn.scan over each CLIP tower's blocks (the ViT and the causal text tower; parameters
-  # stacked under "resblocks", leading axis = depth): compile time no longer grows with
-  # depth; remat still applies per block. Checkpoints, init_from and weight import/export
-  # convert between layouts. A BERT text tower, ALBEF / CMask and VLC stay unrolled
-  # (not applied); peft modes that treat blocks differently (unlock_last) are refused.
-  config.model.scan_layers = False
-  # A whole pretrained CLIP ("open_clip:PATH", "hf_clip:PATH" or a converted directory),
-  # loaded when the workdir has no checkpoint yet; the tower inits below override its parts.
-  config.model.init = ""
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.variant = "B/16"  # ViT size/patch, e.g. "Ti/16", "S/16", "B/16", "L/14".
-  config.model.image.image_size = 224  # Input resolution in pixels.
-  # Per-field overrides of the variant table (None: take the variant's value).
-  config.model.image.width = ml_collections.FieldReference(None, field_type=int)
-  config.model.image.depth = ml_collections.FieldReference(None, field_type=int)
-  config.model.image.mlp_dim = ml_collections.FieldReference(None, field_type=int)
-  config.model.image.num_heads = ml_collections.FieldReference(None, field_type=int)
-  # Architecture options for towers converted from timm / MAE (vlp_jax.weights; the
-  # converter prints the values a checkpoint needs). Defaults: open_clip's ViT.
-  config.model.image.layer_norm_eps = 1e-5  # timm / MAE: 1e-6.
-  config.model.image.patch_bias = False  # A bias on the patch embedding (timm / MAE: True).
-  config.model.image.pre_norm = True  # ln_pre before the blocks (timm / MAE: False).
-  config.model.image.pool = "cls"  # "cls" token or "mean" of patch tokens (timm "avg").
-  # Pixel statistics in [0, 1] units, RGB; None: OpenAI CLIP's. timm / MAE ViTs mostly
-  # use ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
-  config.model.image.mean = ml_collections.FieldReference(None, field_type=tuple)
-  config.model.image.std = ml_collections.FieldReference(None, field_type=tuple)
-  # Dropout in the image tower's blocks during training steps (evaluation never drops):
-  # timm's drop_rate (attention output, MLP) and attn_drop_rate (attention probabilities).
-  # 0 in every reference: open_clip, ALBEF's ViT (models/vit.py), VLC's single-stream
-  # blocks (vlc/modules/mae_transformer.py). ALBEF / CMask / VLC only: CLIP refuses > 0.
-  config.model.image.dropout = 0.0
-  config.model.image.attention_dropout = 0.0
-  # Pretrained image tower: "FORMAT:PATH" with FORMAT open_clip (a CLIP's visual part),
-  # hf_clip or timm (also MAE), or a directory written by `python -m vlp_jax.weights.convert`.
-  # Loaded when the workdir has no checkpoint yet; "": random initialisation.
-  config.model.image.init = ""
-  config.model.text = ml_collections.ConfigDict()
-  # "clip": causal transformer pooling the end token (open_clip's); "bert": bidirectional
-  # BERT-family encoder (BERT, MiniLM, SimCSE) with config.model.text.pooling.
-  config.model.text.kind = "clip"
-  config.model.text.pooling = "cls"  # bert: "cls" token or "mean" over non-pad tokens.
-  # bert: position-embedding rows (the checkpoint's max_position_embeddings); None:
-  # context_length. Captions are still cut to context_length tokens.
-  config.model.text.max_positions = ml_collections.FieldReference(None, field_type=int)
-  config.model.text.layer_norm_eps = 1e-12  # bert only (CLIP's text tower uses 1e-5).
-  # Pretrained text tower: "FORMAT:PATH", FORMAT hf_bert (a Hugging Face model directory),
-  # open_clip or hf_clip (the text part), or a converted directory; "": random init.
-  config.model.text.init = ""
-  # Token embedding rows; None: the tokenizer's vocabulary size.
-  config.model.text.vocab_size = ml_collections.FieldReference(None, field_type=int)
-  config.model.text.context_length = 77  # Tokens per caption, including [CLS]/[SEP].
-  config.model.text.width = 512
-  config.model.text.depth = 12
-  config.model.text.num_heads = 8
-  config.model.text.mlp_dim = 2048
-  # Dropout in the text tower during training steps (evaluation never drops). ALBEF /
-  # CMask's BERT: hidden_dropout_prob (embeddings, attention and FFN outputs) and
-  # attention_probs_dropout_prob (self- and cross-attention), 0.1 each in ALBEF's
-  # configs/config_bert.json (configs/albef_vitb16.py sets them). VLC: dropout on the text
-  # embeddings only, 0.1 (vlc/config.py drop_rate; configs/vlc_vitb16.py), and no
-  # attention_dropout. CLIP's towers (open_clip): none, and > 0 is refused.
-  config.model.text.dropout = 0.0
-  config.model.text.attention_dropout = 0.0
+  model.add_model(config)
+  _add_training(config)
+  _add_finetune(config)
+  _add_masking(config)
+  _add_data(config)
+  _add_optim(config)
+  _add_eval(config)
+  _add_run_control(config)
+  use_method(config, method)
+  return config
 
+
+def _add_training(config: ml_collections.ConfigDict) -> None:
+  """config.peft, config.loss and gradient accumulation."""
   # What trains (vlp_jax/peft.py): "all" (CLIP), "lit" (image tower frozen), "lilt"
   # (towers frozen but layer norms, adapters, projections), "bitfit" (biases, projections),
   # "unlock_last" (last block per tower, projections), "lora" (LoRA factors only).
@@ -132,89 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
   # on every device) or "local" (each device scores its own rows). siglip: "auto"/"full"
   # (B x B logits) or "ring" (text chunks passed around the devices; b x b at a time).
   config.loss.form = "auto"
-  # config.method "negclip" (vlp_jax/methods/negclip.py): hard images are every record's nearest
-  # neighbour by the starting model's image embedding (mined once per run into the
-  # workdir), negatives swap two same-part-of-speech words or noun phrases. Tagger:
-  # "auto" (spaCy's en_core_web_sm if installed, else the lexicon), "lexicon" (the
-  # built-in dataset's words), "spacy" or "spacy:<model>"
-  # (pip install spacy && python -m spacy download en_core_web_sm).
-  config.negclip = ml_collections.ConfigDict()
-  config.negclip.tagger = "auto"
-  config.negclip.block_size = 4096  # Embeddings compared per block when mining.
-  # config.method "albef" (vlp_jax/methods/albef.py): ALBEF's ITA (momentum-distilled
-  # InfoNCE over batch + queue), ITM (hard negatives) and MLM (momentum-distilled). The
-  # text encoder is config.model.text (kind "bert"), its layers from fusion_layer on
-  # cross-attend to the image tokens; config.model.embed_dim is the ITA width (256).
-  config.albef = ml_collections.ConfigDict()
-  config.albef.fusion_layer = 6  # First text layer with cross-attention (BERT-base: 6 of 12).
-  config.albef.momentum = 0.995  # EMA of the momentum encoders, updated before they run.
-  # Momentum features kept per modality (ALBEF: 65,536); a multiple of batch_size.
-  config.albef.queue_size = 65_536
-  # Steps during which ITA contrasts the batch alone (the queues still fill). 0, as ALBEF,
-  # whose towers start pretrained; from random init the towers' features are nearly one
-  # vector, and stale queue rows let ITA fall by drifting the batch away from them
-  # instead of telling its pairs apart (configs/demo.py's ALBEF never learned ITA).
-  config.albef.queue_warmup_steps = 0
-  config.albef.alpha = 0.4  # Weight of the momentum model's soft targets (ITA and MLM).
-  # alpha rises linearly from 0 over these steps; 0: one epoch of config.data.train.
-  config.albef.alpha_ramp_steps = 0
-  config.albef.temperature = 0.07  # Initial ITA temperature (learned, clamped below).
-  config.albef.temperature_min = 0.001
-  config.albef.temperature_max = 0.5
-  config.albef.mlm_probability = 0.15  # Share of tokens (not pad, [CLS]) masked for MLM.
-  # How a masked token is replaced: [MASK], a random id, unchanged (BERT's 80/10/10).
-  config.albef.mlm_replace = (0.8, 0.1, 0.1)
-  config.albef.ita_weight = 1.0  # Loss weights (ALBEF: all equal).
-  config.albef.itm_weight = 1.0
-  config.albef.mlm_weight = 1.0
-  # config.method "cmask" (vlp_jax/methods/cmask.py): ALBEF (config.albef) whose MLM
-  # tokens a masking agent picks, trained in the same step with REINFORCE on the
-  # information flow from the image into the tokens it masks.
-  config.cmask = ml_collections.ConfigDict()
-  config.cmask.mask_ratio = 0.3  # Tokens masked per caption: round(ratio x length).
-  # The agent's share of each caption's masks rises linearly from 0 (random masking) to 1
-  # over these steps; 0: the agent from the first step.
-  config.cmask.curriculum_steps = 10_000
-  config.cmask.agent_layers = 2  # Agent-owned cross-attention layers.
-  config.cmask.agent_width = 0  # Their width; 0: the text encoder's.
-  config.cmask.agent_heads = 0  # 0: the text encoder's.
-  config.cmask.agent_mlp_dim = 0  # 0: the text encoder's.
-  config.cmask.agent_lr = 1e-4  # Adam, constant, clipped at global norm 1.
-  config.cmask.agent_weight = 1.0  # Weight of the REINFORCE loss in the total.
-  config.cmask.entropy_coef = 0.01  # Entropy bonus of the agent's token softmax.
-  config.cmask.baseline_momentum = 0.99  # Running-mean reward baseline.
-  # Reward = flow + gain_weight x the MLM-loss drop the image brings (a second,
-  # image-free fusion pass); 0: flow only.
-  config.cmask.gain_weight = 0.0
-  # Span masking: the agent picks span starts, each grown right by a geometric length
-  # (SpanBERT: p 0.2, at most 10 tokens); span_max_length 0: single tokens.
-  config.cmask.span_p = 0.2
-  config.cmask.span_max_length = 0
-  # config.method "vlc" (vlp_jax/methods/vlc.py): one single-stream transformer over
-  # [text; image] trained with MLM + MAE + ITM (VLC). The encoder is config.model.image's
-  # ViT in MAE's layout (layer_norm_eps, patch_bias, mean / std apply; pre_norm and pool
-  # do not: no ln_pre, every token through the final norm, the text's [CLS] pooled); its
-  # text side reads config.model.text's context_length, max_positions, vocab_size and
-  # layer_norm_eps. An MAE checkpoint (encoder and decoder): config.model.image.init.
-  config.vlc = ml_collections.ConfigDict()
-  config.vlc.mlm_ratio = 0.15  # Share of words (whole_word) or tokens predicted by MLM.
-  config.vlc.whole_word = True  # Mask every piece of a selected word (tokens_word_ids).
-  config.vlc.mask_ratio = 0.6  # Share of patches dropped from the encoder, in both passes.
-  config.vlc.norm_pix_loss = True  # MAE's target: pixels normalised per patch.
-  config.vlc.mlm_weight = 1.0  # Loss weights (VLC: all 1).
-  config.vlc.mae_weight = 1.0  # 0 also skips the decoder.
-  config.vlc.itm_weight = 1.0
-  # Word-patch alignment (ViLT's optimal transport) on the ITM pass, and its weight: on
-  # at 0.1, as VLC's pretraining (compute_itm_wpa adds 0.1 x the OT loss to every step).
-  config.vlc.wpa = True
-  config.vlc.wpa_weight = 0.1
-  # MAE decoder on the fused image tokens (MAE's ViT-B: 512 wide, 8 blocks, 16 heads).
-  config.vlc.decoder_width = 512
-  config.vlc.decoder_depth = 8
-  config.vlc.decoder_num_heads = 16
-  config.vlc.decoder_mlp_dim = 2048
+  # Split each global batch into this many microbatches, with negatives shared across the
+  # whole batch (features are cached, then each microbatch is re-run with gradients).
+  config.grad_accum_steps = 1
+
+
+def _add_finetune(config: ml_collections.ConfigDict) -> None:
+  """config.finetune: fine-tuning a VLC run (the vlc_* methods and their evaluation)."""
   # Fine-tuning a VLC run on a downstream task: config.method "vlc_vqa", "vlc_nlvr2",
-  # "vlc_retrieval" or "vlc_classify" (vlp_jax/methods/vlc_tasks.py). The encoder is
+  # "vlc_retrieval" or "vlc_classify" (vlp_jax/methods/vlc_finetune.py). The encoder is
   # config.model's, read as for "vlc": give the pretraining run's model and tokenizer.
   config.finetune = ml_collections.ConfigDict()
   # The VLC run (its workdir) whose newest checkpoint gives the encoder and pooler (and
@@ -264,12 +137,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.finetune.builtin.image_size = 64
   config.finetune.builtin.seed = 0
   # NLVR2 statement kinds (comma list of more, both_colour, contains, fewer_shapes, total:
-  # input_pipeline/builtin_tasks.py); "": all of them.
+  # input_pipeline/builtin_nlvr2.py); "": all of them.
   config.finetune.builtin.nlvr2_statements = ""
-  # Split each global batch into this many microbatches, with negatives shared across the
-  # whole batch (features are cached, then each microbatch is re-run with gradients).
-  config.grad_accum_steps = 1
 
+
+def _add_masking(config: ml_collections.ConfigDict) -> None:
+  """config.masking: image patch masking (the contrastive method's; others refuse it)."""
   config.masking = ml_collections.ConfigDict()
   config.masking.kind = "none"  # Image patch masking: "none", "random" (FLIP), "cluster", "kmeans".
   # random: share of patches dropped. cluster/kmeans: target batch-mean mask ratio.
@@ -287,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.masking.kmeans_iterations = 10  # kmeans: Lloyd iterations.
   config.masking.show_every_steps = 0  # Log a mask picture to TensorBoard every N steps.
 
+
+def _add_data(config: ml_collections.ConfigDict) -> None:
+  """config.data: training and held-out data, tokenizer, augmentation."""
   config.data = ml_collections.ConfigDict()
   # Training shards: a dir, glob or comma list; "a:0.7,b:0.3" (or a list of such strings)
   # mixes shard sets by weight. "": the built-in dataset.
@@ -314,6 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.builtin.vocab_size = 1_000  # Upper bound for the learned WordPiece vocab.
   config.data.builtin.seed = 0  # Generator seed (independent of config.seed).
 
+
+def _add_optim(config: ml_collections.ConfigDict) -> None:
+  """config.optim: schedule and AdamW."""
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 5e-4  # Peak learning rate.
   config.optim.warmup_steps = 2_000  # Linear warmup, then the decay of optim.schedule.
@@ -326,6 +205,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.eps = 1e-6
   config.optim.grad_clip_norm = 1.0  # Global-norm clipping.
 
+
+def _add_eval(config: ml_collections.ConfigDict) -> None:
+  """config.eval: what evaluation runs and its options."""
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 1_000  # Run config.eval.tasks every N steps (0: only at the end).
   config.eval.batch_size = 256  # Global eval batch.
@@ -358,6 +240,9 @@ def base_config() -> ml_collections.ConfigDict:
   # has no validation split (val_split=); 0: no search, weight decay 0.
   config.eval.linear_probe.val_proportion = 0.2
 
+
+def _add_run_control(config: ml_collections.ConfigDict) -> None:
+  """Logging, checkpoints, restarts, profiling."""
   config.log_every_steps = 50  # Fetch and write metrics every N steps.
   config.checkpoint_every_steps = 1_000  # Save a checkpoint every N steps (and at the end).
   config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
@@ -373,7 +258,37 @@ def base_config() -> ml_collections.ConfigDict:
   # Peak FLOP/s of one device for the logged MFU (perf/mfu); 0: look up the device kind
   # (A100, H100, TPU v4/v5/v6), and no MFU where unknown (e.g. CPUs).
   config.peak_flops_per_device = 0.0
-  return config
+
+
+def use_method(config: ml_collections.ConfigDict, method: str) -> None:
+  """Makes `config` a config of `method`: config.method set, the method's blocks added with
+  their defaults where absent (kept where present: cmask keeps an ALBEF config's albef
+  block), other methods' blocks removed."""
+  own = {block.name: block for block in methods.config_blocks(method)}
+  with config.unlocked():
+    config.method = method
+    for name in methods.block_owners():
+      if name in config and name not in own:
+        del config[name]
+    for name, block in own.items():
+      if name not in config:
+        config[name] = block.defaults()
+
+
+def config_rules(method: str) -> dict[str, Rule]:
+  """The rules of a `method` run's config: the base RULES and those of its blocks."""
+  rules = dict(RULES)
+  for block in methods.config_blocks(method):
+    rules.update(block.config_rules())
+  return rules
+
+
+def run_base(values: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The base config of a run's config.json `values` (its method's) and the values to set
+  on it: blocks of other methods dropped (runs before per-method blocks wrote them all)."""
+  base = base_config(values.get("method", "contrastive"))
+  owners = methods.block_owners()
+  return base, {key: v for key, v in values.items() if key in base or key not in owners}
 
 
 # The valid range of every numeric field of base_config, checked before any compute
@@ -390,73 +305,15 @@ RULES: dict[str, Rule] = {
   "mesh.data": _DEVICES,
   "mesh.fsdp": _DEVICES,
   "mesh.tensor": _DEVICES,
-  "model.embed_dim": at_least(1),
-  "model.image.image_size": at_least(1),
-  "model.image.width": at_least(1),
-  "model.image.depth": at_least(1),
-  "model.image.mlp_dim": at_least(1),
-  "model.image.num_heads": at_least(1),
-  "model.image.layer_norm_eps": positive(),
-  "model.image.mean": each(in_range(0, 1), length=3),
-  "model.image.std": each(positive(), length=3),
-  "model.image.dropout": in_range(0, 1, include_high=False),
-  "model.image.attention_dropout": in_range(0, 1, include_high=False),
-  "model.text.max_positions": at_least(1),
-  "model.text.layer_norm_eps": positive(),
-  "model.text.vocab_size": at_least(1),
-  "model.text.context_length": at_least(2),  # Room for the start and end tokens.
-  "model.text.width": at_least(1),
-  "model.text.depth": at_least(1),
-  "model.text.num_heads": at_least(1),
-  "model.text.mlp_dim": at_least(1),
-  "model.text.dropout": in_range(0, 1, include_high=False),
-  "model.text.attention_dropout": in_range(0, 1, include_high=False),
+  **model.RULES,
   "peft.adapter_reduction": at_least(1),
   "peft.lora_rank": at_least(1),
   "peft.lora_alpha": positive(),
-  "negclip.block_size": at_least(1),
-  "albef.fusion_layer": at_least(0),  # <= model.text.depth: methods/albef.py.
-  "albef.momentum": in_range(0, 1),
-  "albef.queue_size": at_least(1),  # A multiple of batch_size: methods/albef.py.
-  "albef.queue_warmup_steps": at_least(0),
-  "albef.alpha": in_range(0, 1),
-  "albef.alpha_ramp_steps": at_least(0),  # 0: one epoch.
-  "albef.temperature": positive(),
-  "albef.temperature_min": positive(),
-  "albef.temperature_max": positive(),
-  "albef.mlm_probability": in_range(0, 1),
-  "albef.mlm_replace": each(in_range(0, 1), length=3),
-  "albef.ita_weight": at_least(0),
-  "albef.itm_weight": at_least(0),
-  "albef.mlm_weight": at_least(0),
-  "cmask.mask_ratio": in_range(0, 1, include_low=False),  # 0 masks nothing: no MLM loss.
-  "cmask.curriculum_steps": at_least(0),  # 0: the agent from the first step.
-  "cmask.agent_layers": at_least(1),
-  "cmask.agent_width": at_least(0),  # 0: the text encoder's.
-  "cmask.agent_heads": at_least(0),
-  "cmask.agent_mlp_dim": at_least(0),
-  "cmask.agent_lr": positive(),
-  "cmask.agent_weight": at_least(0),
-  "cmask.entropy_coef": at_least(0),
-  "cmask.baseline_momentum": in_range(0, 1, include_high=False),
-  "cmask.gain_weight": at_least(0),
-  "cmask.span_p": in_range(0, 1),
-  "cmask.span_max_length": at_least(0),  # 0: single tokens.
-  "vlc.mlm_ratio": in_range(0, 1),
-  "vlc.mask_ratio": in_range(0, 1, include_high=False),  # Keeps >= 1 patch: methods/vlc.py.
-  "vlc.mlm_weight": at_least(0),
-  "vlc.mae_weight": at_least(0),
-  "vlc.itm_weight": at_least(0),
-  "vlc.wpa_weight": at_least(0),
-  "vlc.decoder_width": at_least(4),  # A multiple of 4 (sin-cos positions): methods/vlc.py.
-  "vlc.decoder_depth": at_least(1),
-  "vlc.decoder_num_heads": at_least(1),
-  "vlc.decoder_mlp_dim": at_least(1),
   "finetune.min_answer_count": at_least(1),
   "finetune.lr_decay": in_range(0, 1, include_high=True),  # 1: no decay.
   "finetune.head_lr_multiplier": positive(),
   "finetune.crop_scale": fraction_interval(),  # None: the whole image.
-  "finetune.num_negatives": at_least(1),  # < batch_size: methods/vlc_tasks.py.
+  "finetune.num_negatives": at_least(1),  # < batch_size: methods/vlc_retrieval.py.
   "finetune.shortlist_k": at_least(1),
   "finetune.itm_weight": at_least(0),
   "finetune.label_smoothing": in_range(0, 1, include_high=False),

@@ -24,30 +24,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import clip_vitb16
 from vlp_jax import config_lib
+from vlp_jax.configs import clip_vitb16
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(
-    arg,
-    variant="B/16",
-    batch_size=2048,
-    epochs=32.0,
-    kind="cluster",
-    keep="reference",
-    unmasked_tuning=False,
+  args = config_lib.parse_arg(arg, **clip_vitb16.ARGS, kind="cluster", keep="reference")
+  return clip_vitb16.masked_config(
+    args,
+    kind=args.kind,  # "cluster" (anchors + threshold) or "kmeans"
+    ratio=0.5,  # target batch-mean mask ratio
+    min_ratio=0.3,  # every image masks at least this
+    keep=args.keep,  # "reference" (137 tokens) or "target" (98)
+    anchor_ratio=0.03,  # 6 anchors of 196 patches
   )
-  config = clip_vitb16.get_config(
-    f"variant={args.variant},batch_size={args.batch_size},epochs={args.epochs},"
-    f"unmasked_tuning={args.unmasked_tuning}"
-  )
-  with config.unlocked():
-    if not args.unmasked_tuning:
-      config.masking.kind = args.kind  # "cluster" (anchors + threshold) or "kmeans"
-      config.masking.ratio = 0.5  # target batch-mean mask ratio
-      config.masking.min_ratio = 0.3  # every image masks at least this
-      config.masking.keep = args.keep  # "reference" (137 tokens) or "target" (98)
-      config.masking.anchor_ratio = 0.03  # 6 anchors of 196 patches
-    config.masking.show_every_steps = 5_000
-  return config

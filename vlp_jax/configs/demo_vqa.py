@@ -5,7 +5,7 @@
 
 (`pretrained=none` fine-tunes from random initialisation; leaving it out is refused.)
 
-The built-in VQA set (input_pipeline/builtin_tasks.py) asks about the built-in scenes in
+The built-in VQA set (input_pipeline/builtin_vqa.py) asks about the built-in scenes in
 VQAv2's file formats; results (official accuracy, per answer type, the test-dev style
 answers file) go to <workdir>/eval/. Model and tokenizer are the demo's, so the
 pretraining run's checkpoint fits.
@@ -15,15 +15,30 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import demo
 from vlp_jax import config_lib
+from vlp_jax.configs import demo
+from vlp_jax.configs.common import use_method
 
 
-def use_finetuning(
-  config: ml_collections.ConfigDict, method: str, task: str, args: ml_collections.ConfigDict
-) -> None:
-  """The demo's fine-tuning settings shared by demo_vqa.py and demo_nlvr2.py."""
-  config.method = method
+def finetuning_config(
+  arg: str | None, method: str, task: str, **task_args: object
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """demo.py:method=vlc set up to fine-tune on `task`'s generated set (demo_vqa.py and
+  demo_nlvr2.py), unlocked, and the parsed `arg` (the shared args plus `task_args`)."""
+  args = config_lib.parse_arg(
+    arg,
+    pretrained="",
+    steps=600,
+    batch_size=64,
+    lr=1e-3,
+    lr_decay=0.8,
+    num_train=2000,
+    num_eval=300,
+    **task_args,
+  )
+  config = demo.get_config("method=vlc")
+  config.unlock()
+  use_method(config, method)
   config.batch_size = args.batch_size
   config.total_steps = args.steps
   config.finetune.pretrained = args.pretrained
@@ -40,22 +55,11 @@ def use_finetuning(
   config.eval.data[task] = "builtin"
   config.eval.every_steps = 0  # Only at the end.
   config.checkpoint_every_steps = args.steps
+  return config, args
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(
-    arg,
-    pretrained="",
-    steps=600,
-    batch_size=64,
-    lr=1e-3,
-    lr_decay=0.8,
-    num_train=2000,
-    num_eval=300,
-  )
-  config = demo.get_config("method=vlc")
-  config.unlock()
-  use_finetuning(config, "vlc_vqa", "vqa", args)
+  config, _ = finetuning_config(arg, "vlc_vqa", "vqa")
   # Generated answers are few and common: every one the most common of >= 3 questions.
   config.finetune.min_answer_count = 3
   return config_lib.lock(config)

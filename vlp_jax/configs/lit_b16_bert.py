@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

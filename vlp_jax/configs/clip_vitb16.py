@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config
+
+# This recipe's args; flip_vitb16.py and cluster_vitb16.py take them too (masked_config).
+ARGS = {"variant": "B/16", "batch_size": 2048, "epochs": 32.0, "unmasked_tuning": False}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(
-    arg, variant="B/16", batch_size=2048, epochs=32.0, unmasked_tuning=False
-  )
+  args = config_lib.parse_arg(arg, **ARGS)
   config = base_config()
   config.batch_size = args.batch_size
   config.num_epochs = args.epochs
@@ -42,3 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr /= 10
     config.optim.warmup_steps = 200
   return config_lib.lock(config)
+
+
+def masked_config(args: ml_collections.ConfigDict, **masking: object) -> ml_collections.ConfigDict:
+  """This recipe at `args` (ARGS' fields) with `masking` set on config.masking, unless
+  args.unmasked_tuning (which masks nothing), and a mask picture every 5,000 steps: the
+  masked recipes (flip_vitb16.py, cluster_vitb16.py)."""
+  config = get_config(",".join(f"{key}={args[key]}" for key in ARGS))
+  with config.unlocked():
+    if not args.unmasked_tuning:
+      for key, value in masking.items():
+        config.masking[key] = value
+    config.masking.show_every_steps = 5_000
+  return config

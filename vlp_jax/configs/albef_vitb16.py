@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(arg, batch_size=512, epochs=30.0, image_size=256)
-  config = base_config()
-  config.method = "albef"
+  config = base_config("albef")
   config.batch_size = args.batch_size  # ALBEF: 64 per GPU on 8 GPUs.
   config.num_epochs = args.epochs
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import vlc_vitb16
 from vlp_jax import config_lib
+from vlp_jax.configs import vlc_vitb16
+from vlp_jax.configs.common import use_method
 
 # 10 epochs over VQAv2 train + val (~650k questions) at batch 256.
 VQA_STEPS = 25_000
@@ -43,7 +44,7 @@ def use_finetuning(
   """VLC's fine-tuning recipe shared by the task configs: AdamW at args.lr (0.9, 0.98),
   wd 0.01, 10% warm-up then linear decay to 0, layer-wise lr decay 0.5 per block, heads
   at the base lr, training images cropped as VLC's "mae_randaug" (area 0.9-1, no flip)."""
-  config.method = method
+  use_method(config, method)
   config.batch_size = args.batch_size
   config.total_steps = args.steps
   config.finetune.pretrained = args.pretrained

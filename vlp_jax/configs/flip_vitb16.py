@@ -16,21 +16,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import clip_vitb16
 from vlp_jax import config_lib
+from vlp_jax.configs import clip_vitb16
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(
-    arg, variant="B/16", batch_size=2048, epochs=32.0, ratio=0.5, unmasked_tuning=False
-  )
-  config = clip_vitb16.get_config(
-    f"variant={args.variant},batch_size={args.batch_size},epochs={args.epochs},"
-    f"unmasked_tuning={args.unmasked_tuning}"
-  )
-  with config.unlocked():
-    if not args.unmasked_tuning:
-      config.masking.kind = "random"
-      config.masking.ratio = args.ratio
-    config.masking.show_every_steps = 5_000
-  return config
+  args = config_lib.parse_arg(arg, **clip_vitb16.ARGS, ratio=0.5)
+  return clip_vitb16.masked_config(args, kind="random", ratio=args.ratio)

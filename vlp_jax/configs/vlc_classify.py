@@ -9,7 +9,7 @@ linear classifier, layer-wise lr decay 0.65.
       --config.eval.data.classify_finetuned=/data/imagenet,split=val
 
 The dataset is a class-folder tree (train/ and val/ of class folders) or a CLIP_benchmark
-wds directory (evaluation/classification_readers.py). The reference values (guilk/VLC
+wds directory (input_pipeline/classification_readers.py). The reference values (guilk/VLC
 imagenet_classification/README.md and main_finetune.py): batch 1024, lr 5e-4 x 1024 / 256,
 AdamW (0.9, 0.999), wd 0.05, 100 epochs with 5 of warm-up, cosine decay to 1e-6, layer
 decay 0.65, label smoothing 0.1, random-resized crops (0.08-1) and flips, 224 px (the
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import vlc_vitb16, vlc_vqa
 from vlp_jax import config_lib
+from vlp_jax.configs import vlc_vitb16, vlc_vqa
 
 IMAGENET_TRAIN = 1_281_167
 MIN_LR = 1e-6  # main_finetune.py's --min_lr.

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(arg, batch_size=256, epochs=5.0, lr=1e-6)
-  config = base_config()
+  config = base_config("negclip")
   config.batch_size = args.batch_size  # Images per batch before hard images: 4x texts.
   config.num_epochs = args.epochs
-  config.method = "negclip"
 
   # OpenAI's CLIP ViT-B/32 layout (open_clip "ViT-B-32-quickgelu").
   config.model.init = "open_clip:pretrained/ViT-B-32-openai.safetensors"

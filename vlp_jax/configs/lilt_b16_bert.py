@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import lit_b16_bert
+from vlp_jax.configs import lit_b16_bert
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

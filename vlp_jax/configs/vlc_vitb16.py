@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
 from vlp_jax import config_lib
+from vlp_jax.configs.common import base_config
 
 # MAE's pixel statistics (ImageNet's, in [0, 1]): an MAE-initialised encoder expects them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,8 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg, variant="B/16", batch_size=4096, steps=25_000, image_size=384, wpa=True, flip=True
   )
-  config = base_config()
-  config.method = "vlc"
+  config = base_config("vlc")
   config.batch_size = args.batch_size
   config.total_steps = args.steps
 
