@@ -69,21 +69,6 @@ def _coerce(key: str, value: str, default: Any) -> Any:
     if value.lower() in ("0", "false", "no"):
       return False
     raise ConfigError(f"config arg {key!r} wants a bool, got {value!r}")
-@dataclasses.dataclass(frozen=True)
-class ConfigBlock:
-  """A method's own part of the config, config.<name>, declared on the method's module:
-  its defaults (a fresh ConfigDict per call) and the rules of its numeric fields, keyed
-  relative to the block ("momentum" for config.albef.momentum)."""
-
-  name: str
-  defaults: Callable[[], ml_collections.ConfigDict]
-  rules: Mapping[str, Rule]
-
-  def config_rules(self) -> dict[str, Rule]:
-    """The rules keyed by their path in the whole config ("albef.momentum")."""
-    return {f"{self.name}.{key}": rule for key, rule in self.rules.items()}
-
-
   if isinstance(default, int | float):
     try:
       return type(default)(value)
@@ -104,6 +89,21 @@ class Rule:
 
   description: str
   holds: Callable[[Any], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBlock:
+  """A method's own part of the config, config.<name>, declared on the method's module:
+  its defaults (a fresh ConfigDict per call) and the rules of its numeric fields, keyed
+  relative to the block ("momentum" for config.albef.momentum)."""
+
+  name: str
+  defaults: Callable[[], ml_collections.ConfigDict]
+  rules: Mapping[str, Rule]
+
+  def config_rules(self) -> dict[str, Rule]:
+    """The rules keyed by their path in the whole config ("albef.momentum")."""
+    return {f"{self.name}.{key}": rule for key, rule in self.rules.items()}
 
 
 def _is_number(value: Any) -> bool:
