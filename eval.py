@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from vlp_jax import cli
 from vlp_jax import eval_runner as runner
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.evaluation import TASKS, task_names
+from vlp_jax.evaluation import REGISTRY, task_names
 
 _CONFIG_HELP = (
   "Config file (path[:arg]) or packaged config name; default: the run's <workdir>/config.json."
@@ -31,16 +31,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoin
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
 _ALL = flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint of the run.")
 _TASKS = flags.DEFINE_string(
-  "tasks", None, f"Comma list of {', '.join(TASKS)}; default: config.eval.tasks."
+  "tasks", None, f"Comma list of {', '.join(REGISTRY)}; default: config.eval.tasks."
 )
 _OUTPUT = flags.DEFINE_string("output_dir", "", "Where results go; default: <workdir>/eval.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Draw progress bars.")
+# One --data.<task> per task registered by now that reads a dataset (the others:
+# --config.eval.data.<task>).
 _DATA = {
-  task: flags.DEFINE_string(
-    f"data.{task}", None, f"Dataset of {task}: path[,key=value...]; sets config.eval.data.{task}."
+  name: flags.DEFINE_string(
+    f"data.{name}", None, f"Dataset of {name}: path[,key=value...]; sets config.eval.data.{name}."
   )
-  for task in TASKS
-  if task != "heldout"
+  for name, task in REGISTRY.items()
+  if task.reads_data
 }
 flags.mark_flags_as_required(["workdir"])
 

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from vlp_jax import evaluation, progress, sharding
-from vlp_jax.evaluation import agent_report, readers
+from vlp_jax.evaluation import readers
 from vlp_jax.evaluation.embedding import Embedder
+from vlp_jax.evaluation.tasks import agent_masking
 from vlp_jax.input_pipeline.image_sources import ImageRef
 from vlp_jax.input_pipeline.tokenizers import NO_WORD
 from vlp_jax.models.agent import INVALID_LOGIT
@@ -91,7 +92,7 @@ def result():
   # Batches of 2 over 3 captions: the second batch carries a padding row.
   embedder = Embedder({}, mesh, WhitespaceWordPiece(), batch_size=2, image_size=8, read_threads=1)
   params = {"score": jnp.asarray([SCORES.get(p, 1.0 if p == "a" else 0.0) for p in VOCAB])}
-  task = agent_report.AgentMaskingTask(data, fixed_agent, MASK_RATIO, WORD_CLASSES)
+  task = agent_masking.AgentMaskingTask(data, fixed_agent, MASK_RATIO, WORD_CLASSES)
   (found,) = task.evaluate(embedder, params)
   return found
 

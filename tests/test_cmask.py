@@ -16,7 +16,6 @@ import pytest
 
 from tests.runs import compilation_cache, crash_after_logged_step, logged_losses
 from vlp_jax import experiment, optim, sharding
-from vlp_jax.evaluation import agent_report
 from vlp_jax.methods import MethodContext, cmask
 
 DEMO_STEPS = 200  # Enough for the agent to separate grounded from function words.
@@ -73,10 +72,8 @@ def demo_run(cache_dir, tmp_path_factory):
     trainer.train_and_evaluate(config, str(workdir))
   exp = trainer.create_experiment(config, str(workdir))
   step, params = trainer.restore_params(exp)
-  evaluator = exp.evaluator(tasks=["heldout"])
-  heldout = evaluator.tasks[0].data  # The heldout task's own images and captions.
-  task = agent_report.create_task(config, exp.method.predict_fns(), lambda: heldout)
-  results = task.evaluate(evaluator.embedder, params)
+  # The report is a registered task: the evaluator builds it on the held-out set.
+  results = exp.evaluator(tasks=["agent_masking"]).evaluate(params)
   writer = progress.create_metric_writer(str(workdir))
   evaluation.log_and_write(results, step, str(workdir), writer)
   writer.flush()

@@ -13,28 +13,6 @@ from typing import Any
 
 import ml_collections
 
-# Evaluation tasks, in report order (config.eval.tasks, eval.py --tasks). "heldout" reads
-# the run's own config.data.eval; every other task reads config.eval.data.<task>.
-EVAL_TASKS = (
-  "heldout",
-  "zeroshot_retrieval",
-  "zeroshot_classification",
-  "linear_probe",
-  "sugarcrepe",
-  "aro",
-  "winoground",
-  "crepe",
-  "svo",
-  # Fine-tuned heads (evaluation/finetune.py): VQAv2, NLVR2, classification, retrieval
-  # by a matching head over every pair (single-stream models).
-  "vqa",
-  "nlvr2",
-  "classify_finetuned",
-  "itm_retrieval",
-  # CMask's agent: which words it masks on the held-out captions (evaluation/agent_report.py).
-  "agent_masking",
-)
-
 
 class UserError(Exception):
   """A mistake the user fixes (a config, a path, a full disk): the command line prints its

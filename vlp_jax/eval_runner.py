@@ -135,7 +135,8 @@ def evaluate_run(
   if not names:
     raise ConfigError(
       f"nothing to evaluate: the run's config.eval.tasks is empty ({workdir}) and no "
-      f"--tasks was given; name them, e.g. --tasks=heldout (known: {', '.join(evaluation.TASKS)})"
+      "--tasks was given; name them, e.g. --tasks=heldout "
+      f"(known: {', '.join(evaluation.REGISTRY)})"
     )
   output_dir = output_dir or os.path.join(workdir, "eval")
   experiment.check_writable_dir(output_dir, "--output_dir")

@@ -12,7 +12,6 @@ import ml_collections
 
 from vlp_jax import methods
 from vlp_jax.config_lib import (
-  EVAL_TASKS,
   Rule,
   at_least,
   each,
@@ -22,6 +21,7 @@ from vlp_jax.config_lib import (
   positive,
 )
 from vlp_jax.configs import model
+from vlp_jax.evaluation import tasks as eval_tasks
 
 
 def base_config(method: str = "contrastive") -> ml_collections.ConfigDict:
@@ -213,15 +213,13 @@ def _add_eval(config: ml_collections.ConfigDict) -> None:
   config.eval.batch_size = 256  # Global eval batch.
   config.eval.max_captions = 5  # Captions per image kept for retrieval (COCO has 5).
   # Tasks run at every evaluation and by eval.py (its --tasks overrides): comma list of
-  # heldout (retrieval on data.eval, plus the built-in set's compositional probe),
-  # zeroshot_retrieval, zeroshot_classification, linear_probe, sugarcrepe, aro,
-  # winoground, crepe, svo; fine-tuned heads (evaluation/finetune.py): vqa, nlvr2,
-  # classify_finetuned, itm_retrieval ("builtin" data: the generated sets of config.finetune).
+  # registered tasks (vlp_jax/evaluation/tasks/, one module each; eval.py --help lists
+  # them), e.g. heldout (retrieval on data.eval, plus the built-in set's compositional
+  # probe) or fine-tuned heads' vqa ("builtin" data: the generated sets of config.finetune).
   config.eval.tasks = "heldout"
-  # Dataset of each task: "path[,key=value...]", several joined by ";" (eval.py:
-  # --data.<task>=...). Formats and options: vlp_jax/evaluation/readers.py,
-  # classification_readers.py and compositional_readers.py.
-  config.eval.data = ml_collections.ConfigDict({task: "" for task in EVAL_TASKS[1:]})
+  # Dataset of each task that reads one: "path[,key=value...]", several joined by ";"
+  # (eval.py: --data.<task>=...); formats and options: each task module's docstring.
+  config.eval.data = ml_collections.ConfigDict(eval_tasks.data_fields())
   config.eval.recall_ks = (1, 5, 10)  # Retrieval recall@k.
   # Methods with an image-text matching head (ALBEF): retrieval also re-ranks each query's
   # top rerank_k candidates by ITA similarity with the ITM score (ALBEF's protocol,

@@ -4,8 +4,9 @@
 `Evaluator.evaluate(params)` embeds them on the device mesh and returns one `Result`
 per task and dataset; `report` writes them as CLIP_benchmark-style JSON files and a
 Markdown summary. Modules: retrieval / classification / linear_probe / compositional
-(metrics), readers / classification_readers / compositional_readers (official file
-formats), embedding (the mesh-sharded encoder), tasks, report. eval.py's loop over
+/ vqa / nlvr2 (metrics), readers / compositional_readers (official file formats),
+embedding (the mesh-sharded encoder), rerank (a matching head on the mesh), tasks/ (one
+module per task, in one registry: the evaluator names none), report. eval.py's loop over
 checkpoints is vlp_jax/eval_runner.py.
 """
 
@@ -22,14 +23,13 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from vlp_jax import progress
-from vlp_jax.evaluation import agent_report, finetune, readers, report, rerank
+from vlp_jax.evaluation import readers, report
 from vlp_jax.evaluation.embedding import Embedder, EmbedFn, Tokenizer
-from vlp_jax.evaluation.tasks import TASK_NEEDS, TASKS, Result, Task, check_servable, create_tasks
+from vlp_jax.evaluation.tasks import REGISTRY, Context, Result, Task, check_servable, create_tasks
 from vlp_jax.input_pipeline.image_sources import DataError, ImageRef
 
 __all__ = [
-  "TASKS",
-  "TASK_NEEDS",
+  "REGISTRY",
   "DataError",
   "Embedder",
   "Evaluator",
@@ -89,20 +89,9 @@ def create_evaluator(
     read_threads=config.data.read_threads,
     show_progress=show_progress,
   )
-  # A method with an ITM head (match_image + match_score) also gets ALBEF's re-ranked
-  # retrieval and ITM-scored compositional results (config.eval.rerank_k > 0).
-  matcher = rerank.create_matcher(predict_fns, embedder) if config.eval.rerank_k else None
-
-  def agent_masking() -> Task:  # CMask: which words its agent masks (agent_logits).
-    return agent_report.create_task(config, predict_fns, heldout)
-
-  tasks = create_tasks(
-    [n for n in names if n not in finetune.TASKS], config.eval, heldout, matcher, agent_masking
-  )
-  # Fine-tuned heads (VQA, NLVR2, classification, ITM-only retrieval), after the others.
-  tuned = [n for n in names if n in finetune.TASKS]
-  tasks += finetune.create_tasks(tuned, config, predict_fns, heldout)
-  return Evaluator(embedder, tasks, model_name)
+  # Each task builds itself from the context, in config order: no task is named here.
+  ctx = Context(config, predict_fns, embedder, heldout)
+  return Evaluator(embedder, create_tasks(names, ctx, config.method), model_name)
 
 
 def heldout_metrics(results: Sequence[Result]) -> dict[str, float]:

@@ -117,7 +117,8 @@ class Method(abc.ABC):
     return {}
 
   def predict_fns(self) -> dict[str, PredictFn]:
-    """Prediction functions by name, for evaluation tasks (see evaluation.TASK_NEEDS)."""
+    """Prediction functions by name; an evaluation task runs where the method offers the
+    ones its TaskDef needs (vlp_jax/evaluation/tasks)."""
     return {}
 
   def pipeline_extension(self, ctx: DataContext) -> RowExtension | None:

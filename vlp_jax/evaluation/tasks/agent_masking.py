@@ -1,6 +1,7 @@
-"""CMask's agent report: which words a masking agent masks on the held-out captions.
+"""CMask's agent report (task "agent_masking"): which words a masking agent masks on the
+held-out captions.
 
-Task "agent_masking" runs a method's "agent_logits" prediction function, (params, tokens
+It runs a method's "agent_logits" prediction function, (params, tokens
 (B, T), uint8 images (B, S, S, 3)) -> (B, T) logits (INVALID_LOGIT where a token is never
 masked), over every (image, caption) pair of the run's held-out retrieval set, and takes
 each caption's k best tokens, k = round(mask_ratio x maskable length) as in training
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from vlp_jax import sharding
 from vlp_jax.evaluation import readers
 from vlp_jax.evaluation.embedding import Embedder, load_pixels
-from vlp_jax.evaluation.tasks import Result, Task
+from vlp_jax.evaluation.tasks.base import Context, Result, Task, TaskDef
 from vlp_jax.input_pipeline.builtin import WORD_CLASSES
 from vlp_jax.input_pipeline.tokenizers import NO_WORD
 from vlp_jax.masking import curriculum
@@ -238,12 +239,11 @@ def summary_texts(
   return {"top_words": top_words_text(top_words), "class_rates": class_rates_text(metrics)}
 
 
-def create_task(
-  config: Any,
-  predict_fns: Mapping[str, Any],
-  heldout: Callable[[], readers.RetrievalSet],
-) -> AgentMaskingTask:
-  """The task over the run's held-out set, k from config.cmask.mask_ratio."""
-  if "agent_logits" not in predict_fns:
-    raise ValueError(f"evaluation task {NAME!r} needs agent_logits (a CMask method)")
-  return AgentMaskingTask(heldout(), predict_fns["agent_logits"], config.cmask.mask_ratio)
+def create(ctx: Context) -> list[Task]:
+  """The task over the run's held-out set; k as in training, from the method's own
+  config.cmask.mask_ratio (the masking agent is CMask's)."""
+  data = ctx.read_heldout(f"the {NAME} task")
+  return [AgentMaskingTask(data, ctx.predict_fns["agent_logits"], ctx.config.cmask.mask_ratio)]
+
+
+TASK = TaskDef(NAME, ("agent_logits",), create, reads_data=False, needs_what="masking agent")
