@@ -30,9 +30,7 @@ from vlp_jax.input_pipeline.dataset_files import (
   read_text,
   require,
   stem,
-  wds_image,
-  wds_samples,
-  wds_tars,
+  wds_items,
 )
 from vlp_jax.input_pipeline.image_sources import DataError, ImageRef, ImageSource, RecordImage
 
@@ -170,13 +168,9 @@ def read_record_retrieval(shards: Sequence[str], max_captions: int, name: str) -
 def read_wds_retrieval(root: str, split: str = "test", name: str = "") -> RetrievalSet:
   images: list[ImageSource] = []
   captions = []
-  for tar_path in wds_tars(root, split):
-    for key, sample in wds_samples(tar_path):
-      where = f"{tar_path}: sample {key!r}"
-      images.append(wds_image(sample, where))
-      if "txt" not in sample:
-        raise DataError(f"{where}: no .txt captions")
-      captions.append(_captions(sample["txt"].decode("utf-8").splitlines(), where))
+  for where, image, text in wds_items(root, split, "txt", "captions"):
+    images.append(image)
+    captions.append(_captions(text.decode("utf-8").splitlines(), where))
   return RetrievalSet(name or stem(root), images, captions)
 
 

@@ -25,9 +25,7 @@ from vlp_jax.input_pipeline.dataset_files import (
   read_json,
   read_lines,
   stem,
-  wds_image,
-  wds_samples,
-  wds_tars,
+  wds_items,
 )
 from vlp_jax.input_pipeline.image_sources import DataError, ImageRef, ImageSource
 
@@ -77,16 +75,12 @@ def read_class_folders(root: str, name: str = "") -> ClassificationSet:
 def read_wds_classification(root: str, split: str = "test", name: str = "") -> ClassificationSet:
   images: list[ImageSource] = []
   labels = []
-  for tar_path in wds_tars(root, split):
-    for key, sample in wds_samples(tar_path):
-      where = f"{tar_path}: sample {key!r}"
-      images.append(wds_image(sample, where))
-      if "cls" not in sample:
-        raise DataError(f"{where}: no .cls label")
-      try:
-        labels.append(int(sample["cls"].decode().strip()))
-      except ValueError as e:
-        raise DataError(f"{where}: .cls is not an integer: {sample['cls'][:20]!r}") from e
+  for where, image, label in wds_items(root, split, "cls", "label"):
+    images.append(image)
+    try:
+      labels.append(int(label.decode().strip()))
+    except ValueError as e:
+      raise DataError(f"{where}: .cls is not an integer: {label[:20]!r}") from e
   classnames_file = os.path.join(root, "classnames.txt")
   classnames = read_lines(classnames_file) if os.path.exists(classnames_file) else []
   templates_file = os.path.join(root, "zeroshot_classification_templates.txt")

@@ -152,5 +152,20 @@ def wds_image(sample: dict[str, Any], where: str) -> ImageSource:
   raise DataError(f"{where}: no image ({'/'.join(WDS_IMAGE_EXTENSIONS)})")
 
 
+def wds_items(
+  root: str, split: str, field: str, what: str
+) -> Iterator[tuple[str, ImageSource, bytes]]:
+  """(where, image, the `field` member's bytes) of every sample of a split, in order; a
+  sample without an image or without `field` is a DataError naming it (`what`: the
+  field's meaning, e.g. "label")."""
+  for tar_path in wds_tars(root, split):
+    for key, sample in wds_samples(tar_path):
+      where = f"{tar_path}: sample {key!r}"
+      image = wds_image(sample, where)
+      if field not in sample:
+        raise DataError(f"{where}: no .{field} {what}")
+      yield where, image, sample[field]
+
+
 def is_wds(path: str) -> bool:
   return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*", "nshards.txt")))
