@@ -25,8 +25,8 @@ TOKENIZER = experiment.TokenizerSpec(50, 0, CONTEXT, cls_id=2, sep_id=3, mask_id
 
 def tiny_albef_config(cache_dir: str = "", steps: int = 4) -> ml_collections.ConfigDict:
   """tests/configs/tiny.py with configs/demo.py's ALBEF switch: 1 text-only + 1 fusion layer."""
-  from vlp_jax.configs import demo
   from tests.configs import tiny
+  from vlp_jax.configs import demo
 
   config = tiny.get_config(f"cache_dir={cache_dir},steps={steps},batch_size={BATCH}")
   config.unlock()

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlp_jax.configs import common
 from vlp_jax import peft
+from vlp_jax.configs import common
 from vlp_jax.input_pipeline.tokenizers import create_tokenizer
 from vlp_jax.models.bert import BertTextTower
 from vlp_jax.models.layers import Tuning

@@ -30,8 +30,8 @@ def cmask_config(
 ) -> ml_collections.ConfigDict:
   """tests/configs/tiny.py with configs/demo.py's CMask switch: 1 text-only + 1 fusion
   layer, 1 agent layer, curriculum over the first half of the run."""
-  from vlp_jax.configs import demo
   from tests.configs import tiny
+  from vlp_jax.configs import demo
 
   config = tiny.get_config(f"cache_dir={cache_dir},steps={steps},batch_size={batch_size}")
   config.unlock()

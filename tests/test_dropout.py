@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import test_albef, test_vlc
+from vlp_jax import config_lib
+from vlp_jax.config_lib import ConfigError
 from vlp_jax.configs import (
   albef_vitb16,
   clip_vitb16,
@@ -22,9 +25,6 @@ from vlp_jax.configs import (
   vlc_vitb16,
   vlc_vqa,
 )
-from tests import test_albef, test_vlc
-from vlp_jax import config_lib
-from vlp_jax.config_lib import ConfigError
 from vlp_jax.methods import albef
 from vlp_jax.models import attention, clip, layers, stacking
 from vlp_jax.models.bert import BertLayer

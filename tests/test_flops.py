@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlp_jax.configs import clip_vitb16
 from vlp_jax import experiment, flops, progress, sharding, trainer
+from vlp_jax.configs import clip_vitb16
 
 
 def test_loops_and_branches_count_as_they_run():

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlp_jax.configs.common import base_config
 from vlp_jax import masking, trainer
+from vlp_jax.configs.common import base_config
 from vlp_jax.input_pipeline import builtin, pipeline, tokenizers
 from vlp_jax.masking import cluster
 from vlp_jax.masking.random import mask_from_keep, select_keep

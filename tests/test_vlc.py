@@ -17,9 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from vlp_jax.configs import demo
 from tests.runs import logged_losses
 from vlp_jax import experiment, optim, sharding, trainer
+from vlp_jax.configs import demo
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.masking import random as random_masking
 from vlp_jax.masking import text as text_masking
