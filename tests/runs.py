@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,17 +30,6 @@ def train_command(config: str, workdir, *flags: str) -> list[str]:
     f"--workdir={workdir}",
     *flags,
   ]
-
-
-def run_train_py(config: str, workdir, *flags: str, env=None) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    train_command(config, workdir, *flags),
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    timeout=600,
-    env=env,
-  )
 
 
 @dataclasses.dataclass
@@ -134,7 +122,7 @@ def run_main(main: Callable[[], object]) -> ScriptResult:
 
 
 def run_train_in_process(config: str, workdir, *flags: str) -> ScriptResult:
-  """run_train_py's command, run by run_script."""
+  """train_command's run, by run_script in this process."""
   return run_script("train.py", *train_command(config, workdir, *flags)[2:])
 
 
