@@ -33,6 +33,7 @@ from tests.test_vlc_finetune import (
 from vlp_jax import evaluation, sharding, trainer
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.configs import demo, demo_nlvr2, demo_vqa
+from vlp_jax.configs.run_config import from_values
 from vlp_jax.evaluation import nlvr2, readers, vqa
 from vlp_jax.evaluation import tasks as eval_tasks
 from vlp_jax.evaluation.embedding import Embedder
@@ -180,7 +181,7 @@ def test_a_shortlist_of_the_whole_gallery_ranks_as_every_pair(clip_run, tmp_path
   embedder = mesh_embedder(WordTokenizer())
   every_pair = ItmRetrievalTask(data, method.predict_fns(), (1, 2, 5))
   (expected,) = every_pair.evaluate(embedder, params)
-  shortlist = load_dual_encoder(clip_run)
+  shortlist = load_dual_encoder(clip_run, run_config=from_values)
   whole = ItmRetrievalTask(data, method.predict_fns(), (1, 2, 5), shortlist, 9)
   (got,) = whole.evaluate(embedder, params)
   assert got.metrics["rerank_k"] == 6  # k is capped by the gallery: 6 images, 9 texts.
@@ -197,7 +198,7 @@ def test_a_match_outside_the_shortlist_is_a_miss(clip_run, tmp_path):
 
   fns = {"match_image": lambda params, pixels: pixels, "match_score": match_score}
   embedder = mesh_embedder(WordTokenizer())
-  shortlist = load_dual_encoder(clip_run)
+  shortlist = load_dual_encoder(clip_run, run_config=from_values)
   texts = [c for captions in data.captions for c in captions]
   owner = np.repeat(np.arange(6), [len(c) for c in data.captions])
   image_emb, text_emb = shortlist.embed(embedder, data.images, texts)
@@ -233,7 +234,7 @@ def test_a_converted_clip_shortlists_as_its_run_does(clip_run, tmp_path):
   data = grey_gallery(tmp_path)
   texts = [c for captions in data.captions for c in captions]
   embedder = mesh_embedder(WordTokenizer())
-  from_run = load_dual_encoder(clip_run).embed(embedder, data.images, texts)
+  from_run = load_dual_encoder(clip_run, run_config=from_values).embed(embedder, data.images, texts)
   converted = load_dual_encoder(str(tmp_path / "clip")).embed(embedder, data.images, texts)
   for a, b in zip(from_run, converted):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -247,7 +248,7 @@ def test_a_bad_shortlist_fails_naming_the_config_key(clip_run, pretrained_run, t
     config = tiny_config("vlc_retrieval", shortlist=shortlist, shortlist_k=k)
     config.eval.data.itm_retrieval = "heldout"
     return eval_tasks.create_tasks(
-      ["itm_retrieval"], eval_tasks.Context(config, fns, None, lambda: data)
+      ["itm_retrieval"], eval_tasks.Context(config, fns, None, lambda: data, from_values)
     )
 
   for path in (str(tmp_path / "nowhere"), str(tmp_path)):  # Missing; neither run nor CLIP.

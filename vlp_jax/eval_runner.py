@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 from absl import logging
 
-from vlp_jax import checkpointing, config_lib, evaluation, experiment, progress, trainer
+from vlp_jax import checkpointing, evaluation, experiment, progress, trainer
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.configs import common
+from vlp_jax.configs import run_config
 from vlp_jax.evaluation import report
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.weights.convert import RUN_CONFIG_FILE, TOKENIZER_FILE
@@ -51,38 +51,7 @@ def load_run_config(
     )
   with open(path) as f:
     values = json.load(f)
-  if base is None:  # The run's method's base config: its blocks, no other method's.
-    base, values = common.run_base(values)
-  return overlay_config(base, values, path)
-
-
-def overlay_config(
-  base: ml_collections.ConfigDict, values: Mapping, source: str
-) -> ml_collections.ConfigDict:
-  """`base` (modified) with `values` (nested JSON values) set over it, locked."""
-  unknown = []
-
-  def overlay(node: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
-    for key, value in values.items():
-      name = f"{prefix}{key}"
-      if key not in node:
-        unknown.append(name)
-      elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
-        overlay(node[key], value, f"{name}.")
-      else:
-        try:
-          node[key] = value  # ConfigDict casts: lists to tuples, ints to floats.
-        except (TypeError, ValueError) as e:
-          raise ConfigError(f"{source}: config.{name}={value!r} does not fit: {e}") from e
-
-  with base.unlocked():
-    overlay(base, values, "")
-  if unknown:
-    raise ConfigError(
-      f"{source} has fields this version's config does not know: "
-      + ", ".join(f"config.{name}" for name in unknown)
-    )
-  return config_lib.lock(base)
+  return run_config.from_values(values, path, base)
 
 
 def check_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, kind: str) -> None:

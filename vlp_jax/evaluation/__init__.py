@@ -26,6 +26,7 @@ from vlp_jax import progress
 from vlp_jax.evaluation import readers, report
 from vlp_jax.evaluation.embedding import Embedder, EmbedFn, Tokenizer
 from vlp_jax.evaluation.tasks import REGISTRY, Context, Result, Task, check_servable, create_tasks
+from vlp_jax.evaluation.tasks.base import RunConfigFn
 from vlp_jax.input_pipeline.image_sources import DataError, ImageRef
 
 __all__ = [
@@ -71,9 +72,11 @@ def create_evaluator(
   tasks: Sequence[str] | None = None,
   show_progress: bool = False,
   model_name: str = "",
+  run_config: RunConfigFn | None = None,
 ) -> Evaluator:
   """Reads the datasets of `tasks` (default: config.eval.tasks) and builds the embedder
-  over a method's prediction functions."""
+  over a method's prediction functions. `run_config` rebuilds a saved run's config from
+  its config.json (the shortlist of itm_retrieval)."""
   names = task_names(config.eval.tasks) if tasks is None else list(tasks)
   eval_name = config.data.eval or "builtin-heldout"
 
@@ -90,7 +93,7 @@ def create_evaluator(
     show_progress=show_progress,
   )
   # Each task builds itself from the context, in config order: no task is named here.
-  ctx = Context(config, predict_fns, embedder, heldout)
+  ctx = Context(config, predict_fns, embedder, heldout, run_config)
   return Evaluator(embedder, create_tasks(names, ctx, config.method), model_name)
 
 

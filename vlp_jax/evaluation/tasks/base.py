@@ -39,15 +39,22 @@ class Task:
     raise NotImplementedError
 
 
+# (config.json values, where they come from) -> the run's locked config.
+RunConfigFn = Callable[[Mapping[str, Any], str], ml_collections.ConfigDict]
+
+
 @dataclasses.dataclass
 class Context:
   """What a task is built from: the run's config, the method's prediction functions,
-  the shared embedder and the run's held-out set (read when a task asks for it)."""
+  the shared embedder, the run's held-out set (read when a task asks for it) and how a
+  saved run's config.json becomes its config (configs/run_config.py's from_values, which
+  evaluation may not import: the configs sit above it)."""
 
   config: ml_collections.ConfigDict
   predict_fns: Mapping[str, Callable[..., Any]]
   embedder: Embedder | None
   heldout: Callable[[], readers.RetrievalSet] | None = None
+  run_config: RunConfigFn | None = None
 
   def dataset(self, name: str, hint: str = "") -> str:
     """config.eval.data.<name>; a ConfigError naming the flag when it is empty."""

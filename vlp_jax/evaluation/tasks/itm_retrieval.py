@@ -121,7 +121,7 @@ def create(ctx: Context) -> list[Task]:
   if tune.shortlist:
     if tune.shortlist_k < 1:
       raise ValueError(f"config.finetune.shortlist_k={tune.shortlist_k}: give k >= 1")
-    shortlist = load_dual_encoder(tune.shortlist)
+    shortlist = load_dual_encoder(tune.shortlist, run_config=ctx.run_config)
   return [
     ItmRetrievalTask(data, ctx.predict_fns, config.eval.recall_ks, shortlist, tune.shortlist_k)
   ]

@@ -18,6 +18,7 @@ from flax import traverse_util
 from vlp_jax import sharding
 from vlp_jax.config_lib import ConfigError
 from vlp_jax.evaluation.embedding import Embedder
+from vlp_jax.evaluation.tasks.base import RunConfigFn
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.models import clip
 
@@ -60,12 +61,14 @@ class DualEncoder:
     return image_emb, own_embedder.texts(params, texts, f"{desc} texts")
 
 
-def _run_encoder(info: dict[str, Any], tokenizer: tokenizers.Tokenizer, key: str):
+def _run_encoder(
+  info: dict[str, Any], tokenizer: tokenizers.Tokenizer, key: str, run_config: RunConfigFn
+):
   """(predict fns, image size, abstract params) of a run's own method, from its
   config.json; a ConfigError when the method has no embeddings."""
-  from vlp_jax import eval_runner, methods  # The method registry: only when shortlisting.
+  from vlp_jax import methods  # The method registry: only when shortlisting.
 
-  config = eval_runner.load_run_config(info["workdir"])
+  config = run_config(info["config"], os.path.join(info["workdir"], "config.json"))
   mesh = sharding.create_mesh({"data": -1})
   method = methods.create_method(methods.MethodContext(config, mesh, tokenizer, 1))
   fns = method.predict_fns()
@@ -108,10 +111,13 @@ def _fitting(params: Any, wanted: Any, path: str, key: str) -> Any:
   return traverse_util.unflatten_dict({k: have[k] for k in want}, sep="/")
 
 
-def load_dual_encoder(path: str, key: str = SHORTLIST_KEY) -> DualEncoder:
+def load_dual_encoder(
+  path: str, key: str = SHORTLIST_KEY, run_config: RunConfigFn | None = None
+) -> DualEncoder:
   """The embeddings of a run's workdir (its newest checkpoint, config.json and
   tokenizer.json) or of a converted CLIP directory; a ConfigError naming `key` when it is
-  neither, its method has no embeddings, or its parameters do not fit."""
+  neither, its method has no embeddings, or its parameters do not fit. A run's config
+  comes from its config.json through `run_config` (configs/run_config.py's from_values)."""
   from vlp_jax.weights import convert  # Orbax and the importers: only when shortlisting.
 
   if not os.path.isdir(path):
@@ -133,7 +139,9 @@ def load_dual_encoder(path: str, key: str = SHORTLIST_KEY) -> DualEncoder:
       vocab["lower_case"],
     )
     if run:  # As the run's own method builds it (SigLIP's bias, PEFT factors).
-      fns, image_size, wanted = _run_encoder(info, tokenizer, key)
+      if run_config is None:
+        raise ConfigError(f"{key}: {path} is a run: rebuilding its config needs run_config")
+      fns, image_size, wanted = _run_encoder(info, tokenizer, key, run_config)
     else:
       fns, image_size, wanted = _converted_encoder(fields, tokenizer)
   except ConfigError:
