@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from vlp_jax import config_lib, evaluation, methods, optim, pretrained, sharding
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.configs import common, run_config
+from vlp_jax.configs import common
 from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
 from vlp_jax.methods import Method, MethodContext
 
@@ -123,7 +123,6 @@ class Experiment(StepParts):
       list(self.eval_shards),
       tasks=tasks,
       show_progress=show_progress,
-      run_config=run_config.from_values,
       model_name=self.method.model_name,
     )
 
@@ -230,25 +229,11 @@ def check_step_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   _check_batch_sizes(config, mesh)
 
 
-def create_experiment(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  devices: Sequence[jax.Device] | None = None,
-) -> Experiment:
-  """Validates the config and builds mesh (over `devices`, default all of this run's),
-  data sources, tokenizer, method and optimizer.
-
-  Fails with a ConfigError naming the offending key before anything is compiled.
-  """
-  mesh = create_mesh(config, devices)
-  check_step_config(config, mesh)
-  if config.init_from and not os.path.isdir(config.init_from):
-    raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
-  init_specs = pretrained.parse_specs(config)
-  if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
-    raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
-  check_writable_dir(workdir, "workdir")
-
+def _data_and_tokenizer(
+  config: ml_collections.ConfigDict, workdir: str, init_specs: list[pretrained.InitSpec]
+) -> tuple[list[records.ShardSet], list[str], tokenizers.Tokenizer, str]:
+  """Training shard sets, held-out shards, tokenizer and its file, from config.data (the
+  built-in dataset without config.data.train) and the pretrained towers' vocabulary."""
   data = config.data
   pretrained_vocab = pretrained.text_vocab_file(init_specs)
   builtin_vocab = None
@@ -303,6 +288,12 @@ def create_experiment(
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  return train_sets, eval_shards, tokenizer, vocab_file
+
+
+def _total_steps(config: ml_collections.ConfigDict, train_sets: list[records.ShardSet]) -> int:
+  """config.total_steps, or num_epochs over the training sets; fails where a set is smaller
+  than a global batch (one set) or empty (a mixture)."""
   set_sizes = [len(grain.sources.ArrayRecordDataSource(list(s.shards))) for s in train_sets]
   for shard_set, size in zip(train_sets, set_sizes):
     needed = config.batch_size if len(train_sets) == 1 else 1
@@ -315,6 +306,30 @@ def create_experiment(
   if not total_steps:
     # An epoch is one pass over the records of every set, whatever the weights.
     total_steps = max(1, int(config.num_epochs * sum(set_sizes) // config.batch_size))
+  return total_steps
+
+
+def create_experiment(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices: Sequence[jax.Device] | None = None,
+) -> Experiment:
+  """Validates the config and builds mesh (over `devices`, default all of this run's),
+  data sources, tokenizer, method and optimizer.
+
+  Fails with a ConfigError naming the offending key before anything is compiled.
+  """
+  mesh = create_mesh(config, devices)
+  check_step_config(config, mesh)
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from: {config.init_from!r} is not a directory")
+  init_specs = pretrained.parse_specs(config)
+  if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
+    raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
+  check_writable_dir(workdir, "workdir")
+
+  train_sets, eval_shards, tokenizer, vocab_file = _data_and_tokenizer(config, workdir, init_specs)
+  total_steps = _total_steps(config, train_sets)
   try:
     parts = create_step_parts(config, mesh, tokenizer, total_steps, tuple(train_sets))
     predictions = parts.method.predict_fns()
