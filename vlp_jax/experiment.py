@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from vlp_jax import config_lib, evaluation, methods, optim, pretrained, sharding
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.configs import common
+from vlp_jax.configs import common, run_config
 from vlp_jax.input_pipeline import builtin, pipeline, records, tokenizers
 from vlp_jax.methods import Method, MethodContext
 
@@ -123,6 +123,7 @@ class Experiment(StepParts):
       list(self.eval_shards),
       tasks=tasks,
       show_progress=show_progress,
+      run_config=run_config.from_values,
       model_name=self.method.model_name,
     )
 
