@@ -48,6 +48,7 @@ from vlp_jax.methods.albef_parts import (
   MlmChoice,
   MlmPass,
   alpha_at,
+  draw_negatives,
   ita_loss,
   itm_and_mlm,
   predict_fns,
@@ -146,6 +147,7 @@ class Albef(Method):
     itm, itm_metrics, mlm = itm_and_mlm(
       self._apply,
       self.mlm_positions,
+      self.draw_negatives,
       online,
       momentum,
       enc,
@@ -234,6 +236,13 @@ class Albef(Method):
       (image_tokens_m, image_feat_m, text_feat_m[:rows], states_m[rows:])
     )
     return Encoded(image_tokens, image_feat, text_states, text_feat, choice, *momentum_outputs)
+
+  def draw_negatives(
+    self, rng: jax.Array, tokens: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """(hard negative image per text, hard negative text per image), (B,) each: ALBEF's
+    draw (albef_parts.draw_negatives); a subclass may fix them (tests)."""
+    return draw_negatives(rng, tokens, sim_i2t, sim_t2i)
 
   def mlm_capacity(self, rows: int, length: int) -> int:
     """The static number of positions the MLM head computes for a (rows, length) batch:

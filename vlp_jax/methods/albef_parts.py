@@ -218,6 +218,7 @@ def mlm_pass(
 def itm_and_mlm(
   apply: Apply,
   mlm_positions: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+  negatives: Callable[..., tuple[jax.Array, jax.Array]],
   online: Params,
   momentum: Params,
   enc: Encoded,
@@ -229,8 +230,9 @@ def itm_and_mlm(
   alpha: jax.Array,
 ) -> tuple[jax.Array, Metrics, MlmPass]:
   """ITM on hard negatives and momentum-distilled MLM, through one fusion pass; `sims`:
-  ita_loss's (i2t, t2i) logits; `mlm_positions`: the method's (its static capacity)."""
-  negative_images, negative_texts = draw_negatives(itm_rng, tokens, *sims)
+  ita_loss's (i2t, t2i) logits; `mlm_positions` and `negatives` (rng, tokens, *sims):
+  the method's hooks (Albef.mlm_positions, Albef.draw_negatives)."""
+  negative_images, negative_texts = negatives(itm_rng, tokens, *sims)
   masked_states, _ = apply(
     online, enc.choice.inputs, mask, method=AlbefModel.encode_text, rngs=dropout_rngs(rng, 4)
   )
