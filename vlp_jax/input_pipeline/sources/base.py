@@ -75,6 +75,13 @@ class Source(abc.ABC):
     """
 
 
+def file_starts(start: Position, num_files: int) -> Iterator[tuple[int, int]]:
+  """(file index, first sample to read in it) of a read over `num_files` files resumed at
+  `start`: the start's own file from its sample, every later file from its first."""
+  for unit in range(start[0], num_files):
+    yield unit, start[1] if unit == start[0] else 0
+
+
 def expand_braces(spec: str) -> list[str]:
   """Expands a{000..002}.tar to a000.tar a001.tar a002.tar and {x,y}.tar to x.tar y.tar."""
   match = re.search(r"\{([^{}]*)\}", spec)

@@ -19,6 +19,7 @@ from vlp_jax.input_pipeline.sources.base import (
   Source,
   SourceError,
   as_text,
+  file_starts,
   python_value,
   resolve_files,
 )
@@ -154,8 +155,7 @@ class ArrowSource(Source):
   ) -> Iterator[Sample]:
     import pyarrow as pa
 
-    for unit in range(start[0], len(self.paths)):
-      first = start[1] if unit == start[0] else 0
+    for unit, first in file_starts(start, len(self.paths)):
       try:
         yield from self._read_file(unit, first, max_image_bytes)
       except (OSError, pa.ArrowException) as e:

@@ -18,6 +18,7 @@ from vlp_jax.input_pipeline.sources.base import (
   Position,
   Sample,
   Source,
+  file_starts,
   resolve_files,
 )
 
@@ -80,8 +81,7 @@ class WebDatasetSource(Source):
   def read(
     self, start: Position = (0, 0), *, max_image_bytes: int = MAX_IMAGE_BYTES
   ) -> Iterator[Sample]:
-    for unit in range(start[0], len(self.paths)):
-      first = start[1] if unit == start[0] else 0
+    for unit, first in file_starts(start, len(self.paths)):
       yield from self._read_tar(unit, first, max_image_bytes)
 
   def _read_tar(self, unit: int, first: int, max_bytes: int) -> Iterator[Sample]:
