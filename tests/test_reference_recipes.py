@@ -1,7 +1,7 @@
 """The VLC recipe configs carry the reference code's values: each row below is one config
 field, the value the reference uses and where in the reference it is written (guilk/VLC
 at its released commit; dandelin/ViLT, which VLC builds on). Only configs are built, no
-model. Deviations that stay are in docs/DESIGN.md's table, not here."""
+model. Deviations that stay are in docs/DECISIONS.md's table, not here."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ decay 0.65, label smoothing 0.1, random-resized crops (0.08-1) and flips, 224 px
 repository's top README.md passes --input_size 384 instead). Not reproduced: RandAugment
 (timm's rand-m9-mstd0.5-inc1), mixup 0.8, cutmix 1.0, random erasing 0.25, drop path 0.1;
 MAE pools the patch states before its final norm, the encoder here applies it to every
-token first; gradients are clipped (MAE does not). docs/DESIGN.md lists them.
+token first; gradients are clipped (MAE does not). docs/DECISIONS.md lists them.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ linear decay, layer-wise lr decay 0.5, training images RandomResizedCrop(scale=(
 without flips. Evaluation writes accuracy and consistency (and the script's predictions
 file) under <workdir>/eval/; eval.py --tasks=nlvr2 --data.nlvr2=test1.json,... scores test-P.
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
-Not reproduced: RandAugment (docs/DESIGN.md).
+Not reproduced: RandAugment (docs/DECISIONS.md).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ RandomResizedCrop(scale=(0.9, 1.0)) without flips. Its config lists "itm": 0.5 b
 "irtr": 1, but vlc/modules/vlc_utils.py's set_task keeps only losses of weight >= 1 (as
 ViLT's): the rank loss trains alone (itm_weight=0.5 adds the listed ITM term).
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
-Not reproduced: RandAugment (docs/DESIGN.md).
+Not reproduced: RandAugment (docs/DECISIONS.md).
 """
 
 from __future__ import annotations

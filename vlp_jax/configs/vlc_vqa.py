@@ -18,7 +18,7 @@ annotations) and the test-dev results file for the evaluation server under
 <workdir>/eval/. ViLT and VLC train on train2014 + val2014 minus 1,000 held-out val
 images; the reader takes whole files, so pass a trimmed val file for that split.
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
-Not reproduced: RandAugment ("mae_randaug") (docs/DESIGN.md).
+Not reproduced: RandAugment ("mae_randaug") (docs/DECISIONS.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A method owns its model, objective and extra state; the trainer owns the loop, the
 optimizer step, checkpoints and evaluation calls, and names no method. See
-docs/DESIGN.md ("How to add a method").
+docs/DESIGN.md ("Methods": how to add one).
 """
 
 from __future__ import annotations
