@@ -14,6 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vlp_jax import config_lib
 from vlp_jax.config_lib import ConfigError, UserError
 
 _COORDINATOR = flags.DEFINE_string(
@@ -68,12 +69,11 @@ def resolve_config_file(path: str) -> str:
     return path
   folder, name = os.path.split(path)
   name = name if name.endswith(".py") else f"{name}.py"
-  packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-  if os.path.basename(folder) in ("", "configs") and os.path.isfile(os.path.join(packaged, name)):
-    return os.path.join(packaged, name)
-  known = [f[:-3] for f in sorted(os.listdir(packaged)) if f.endswith(".py")]
-  known = [n for n in known if n not in ("__init__", "common")]
-  raise ConfigError(f"config file {path!r} does not exist; packaged configs: {', '.join(known)}")
+  packaged = os.path.join(config_lib.CONFIGS_DIR, name)
+  if os.path.basename(folder) in ("", "configs") and os.path.isfile(packaged):
+    return packaged
+  known = ", ".join(config_lib.packaged_recipes())
+  raise ConfigError(f"config file {path!r} does not exist; packaged configs: {known}")
 
 
 class _ResolvingParser(flags.ArgumentParser):

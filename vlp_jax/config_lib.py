@@ -8,10 +8,22 @@ dict of defaults so a misspelled key fails with its name.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
+
+# The packaged configs (vlp_jax/configs); its modules that build parts of a config, not a
+# run's config, have no get_config.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_NOT_RECIPES = ("__init__", "common", "model", "run_config")
+
+
+def packaged_recipes() -> list[str]:
+  """Names of the packaged recipes: vlp_jax/configs/<name>.py with get_config."""
+  names = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py"))
+  return [n for n in names if n not in _NOT_RECIPES]
 
 
 class UserError(Exception):
