@@ -108,8 +108,10 @@ def test_scanned_towers_give_the_unrolled_loss_and_gradients(two_block_config):
   scan_loss, scan_grads = loss_fn(scan_model, stack_blocks(params), images, tokens)
   assert has_stacked_blocks(scan_grads)
   np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+  # Float32 round-off of a different summation order: entries near zero of a gradient
+  # whose largest are ~3 differ by a few 1e-6 (4.3e-6 with XLA CPU's classic emitters).
   jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
     unstack_blocks(scan_grads),
     grads,
   )
