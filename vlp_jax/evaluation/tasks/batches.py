@@ -62,6 +62,20 @@ def write_json(value: Any) -> Callable[[str], None]:
   return write
 
 
+def eval_dataset_args(embedder: Embedder) -> dict[str, Any]:
+  """The keyword arguments of a task's own evaluation dataset (fixed order, no
+  augmentation, this process's rows) for the embedder's batch and image size."""
+  return dict(
+    image_size=embedder.image_size,
+    batch_size=embedder.local_batch,
+    seed=0,
+    train=False,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    read_threads=embedder.read_threads,
+  )
+
+
 class BatchRunner:
   """Runs `fn(params, *fields)` over host batches on the mesh and returns its outputs
   by row on every host (rows < 0: padding)."""

@@ -51,13 +51,7 @@ class Nlvr2Task(Task):
     data_batches = nlvr2_data.create_nlvr2_dataset(
       self.examples,
       embedder.tokenizer,
-      image_size=embedder.image_size,
-      batch_size=embedder.local_batch,
-      seed=0,
-      train=False,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      read_threads=embedder.read_threads,
+      **batches.eval_dataset_args(embedder),
     )
     unreadable = np.zeros(len(self.examples), bool)
 

@@ -54,13 +54,7 @@ class VqaTask(Task):
       self.examples,
       embedder.tokenizer,
       self.answers,
-      image_size=embedder.image_size,
-      batch_size=embedder.local_batch,
-      seed=0,
-      train=False,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      read_threads=embedder.read_threads,
+      **batches.eval_dataset_args(embedder),
     )
     unreadable = np.zeros(len(self.examples), bool)
 
