@@ -44,6 +44,9 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+_SUMMARY = re.compile(r"\d+ (passed|failed|error)[^\n]* in [\d.]+s")
+
+
 def _counts(summary: str) -> dict[str, int]:
   """{'passed': n, 'failed': n, ...} from pytest's last line."""
   return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
@@ -71,8 +74,9 @@ def time_suite(commit: str, log_path: str) -> dict:
     _git("worktree", "remove", "--force", workdir)
     shutil.rmtree(workdir, ignore_errors=True)
   with open(log_path) as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
-  summary = lines[-1] if lines else ""
+    # pytest's closing line; processes it started may log after it.
+    finals = [line for line in f.read().splitlines() if _SUMMARY.search(line)]
+  summary = finals[-1].strip("= ") if finals else ""
   return {
     "commit": sha[:7],
     "seconds": round(seconds, 1),
