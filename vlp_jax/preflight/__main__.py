@@ -34,6 +34,9 @@ _JSON = flags.DEFINE_string(
 _FIT = flags.DEFINE_bool(
   "fit", False, "Search remat policy, FSDP degree and per-chip batch for the fastest that fits."
 )
+_FIT_MAX = flags.DEFINE_integer(
+  "fit_max_compiles", 0, "--fit stops after this many compiles (0: the whole search)."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -107,7 +110,7 @@ def main(argv: list[str]) -> None:
   payload: dict = {"config": flags.FLAGS["config"].config_filename, **dataclasses.asdict(report)}
   if _FIT.value:
     print("--fit: compiling candidates (scanned layers where the model has them)...", flush=True)
-    best, tried = fit.search(config, devices, name)
+    best, tried = fit.search(config, devices, name, max_compiles=_FIT_MAX.value)
     payload["fit"] = {
       "chosen": best.flags if best else None,
       "tried": [{"overrides": c.flags, **dataclasses.asdict(c.report)} for c in tried],

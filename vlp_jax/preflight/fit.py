@@ -98,24 +98,32 @@ def search(
   devices: list[Any],
   topology_name: str,
   log: Callable[[str], None] = print,
+  max_compiles: int = 0,
+  build: Callable[[ml_collections.ConfigDict, list[Any]], Any] = build_step,
+  compile_fn: Callable[[Any, str], Report] = compile_report,
 ) -> tuple[Candidate | None, list[Candidate]]:
   """(the first fitting candidate of SEARCH, every candidate tried); scanned layers
-  where the config's model has a scanned layout."""
+  where the config's model has a scanned layout. At most `max_compiles` compiles when
+  positive (each may take minutes). `build` and `compile_fn` are the step's builder and
+  the compiler's verdict (tests pass stand-ins)."""
   scan = {"model.scan_layers": True}
   try:
-    build_step(with_overrides(config, scan), devices)
+    build(with_overrides(config, scan), devices)
   except ConfigError:
     scan = {}  # A model without a scanned layout (ALBEF, VLC): unrolled.
   tried: list[Candidate] = []
   for point in SEARCH:
+    if max_compiles > 0 and len(tried) >= max_compiles:
+      log(f"  stopped after {max_compiles} compiles (--fit_max_compiles)")
+      break
     overrides = {**scan, **_resolved(point, len(devices), config)}
     candidate_config = with_overrides(config, overrides)
     try:
-      build = build_step(candidate_config, devices)
+      step_build = build(candidate_config, devices)
     except ConfigError as e:  # E.g. a batch that does not split into the microbatches.
       log(f"  skip {overrides}: {e}")
       continue
-    report = compile_report(build, topology_name)
+    report = compile_fn(step_build, topology_name)
     candidate = Candidate(overrides, report)
     tried.append(candidate)
     peak = report.per_chip_gib.get("peak", report.per_chip_gib.get("temporaries", 0.0))
