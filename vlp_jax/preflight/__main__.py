@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import re
 import sys
+import time
 
 from absl import app, flags
 
@@ -107,7 +109,14 @@ def main(argv: list[str]) -> None:
   if not report.fits:
     report.suggestions = fit.suggestions(config, report)
   print(format_report(report), flush=True)
-  payload: dict = {"config": flags.FLAGS["config"].config_filename, **dataclasses.asdict(report)}
+  payload: dict = {
+    "config": flags.FLAGS["config"].config_filename,
+    # Where and when: compile times depend on the host (and on what else it runs).
+    "command": " ".join(["python -m vlp_jax.preflight", *sys.argv[1:]]),
+    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    **dataclasses.asdict(report),
+  }
   if _FIT.value:
     print("--fit: compiling candidates (scanned layers where the model has them)...", flush=True)
     best, tried = fit.search(config, devices, name, max_compiles=_FIT_MAX.value)
