@@ -34,9 +34,8 @@ def devices():
   return topology.topology_devices(SLICE)
 
 
-@pytest.mark.parametrize("method", ["contrastive", "negclip", "albef", "cmask", "vlc"])
-def test_each_methods_step_compiles_for_a_tpu_slice_in_bfloat16(devices, method):
-  report = step.compile_report(step.build_step(_config(method), devices), SLICE)
+def _check_compiled_for_the_slice(report) -> None:
+  """What every method's compiled step must show on v5e:2x2 in bfloat16."""
   assert report.fits and report.device_kind == "TPU v5 lite" and report.devices == 4
   assert report.hbm_usable_gib == pytest.approx(15.75)  # The compiler's own limit.
   mem = {k: v * 2**30 for k, v in report.per_chip_gib.items()}
@@ -50,6 +49,13 @@ def test_each_methods_step_compiles_for_a_tpu_slice_in_bfloat16(devices, method)
   # jax.nn attention's softmax gradients).
   dense = ("/mlp/", "_proj/", "/query/", "/key/", "/value/", "/intermediate/", "/output/")
   assert not [op for op in report.non_bf16_matmuls if any(d in op for d in dense)]
+
+
+# The contrastive step is compiled (data 2 x FSDP 2) by the FSDP test below: one TPU
+# compile of the tiny step costs ~25 s here.
+@pytest.mark.parametrize("method", ["negclip", "albef", "cmask", "vlc"])
+def test_each_methods_step_compiles_for_a_tpu_slice_in_bfloat16(devices, method):
+  _check_compiled_for_the_slice(step.compile_report(step.build_step(_config(method), devices), SLICE))
 
 
 def test_a_step_too_large_for_the_chip_is_refused_with_what_would_fit(devices):
@@ -67,14 +73,15 @@ def test_fsdp_splits_the_per_chip_arguments_by_its_degree(devices):
   config.model.image.update(width=256, num_heads=4, mlp_dim=1024)
   config.model.text.update(width=256, num_heads=4, mlp_dim=1024)
   data = step.build_step(config, devices)
-  config.mesh.update(data=1, fsdp=4)
+  config.mesh.update(data=2, fsdp=2)
   fsdp = step.build_step(config, devices)
   state_bytes = step.per_device_bytes(data.state)
   ratio = state_bytes / step.per_device_bytes(fsdp.state)
-  assert 3.5 < ratio <= 4.0  # The few tensors under FSDP_MIN_SIZE stay whole.
+  assert 1.8 < ratio <= 2.0  # The few tensors under FSDP_MIN_SIZE stay whole.
   report = step.compile_report(fsdp, SLICE)
-  assert report.per_chip_gib["arguments"] * 2**30 < 1.1 * state_bytes / 4 + MIB
+  assert report.per_chip_gib["arguments"] * 2**30 < 1.1 * state_bytes / 2 + MIB
   assert "all-gather" in report.collectives
+  _check_compiled_for_the_slice(report)  # The contrastive method's step.
 
 
 def test_bad_topology_names_fail_naming_the_flag():
