@@ -55,7 +55,7 @@ def format_report(report: step.Report) -> str:
     f"global batch {report.batch_size} ({report.batch_size / report.devices:g} per device)",
     f"{verdict} in {_gib(report.hbm_usable_gib)} usable HBM per device ({report.hbm_source})",
     "per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in per_chip.items()),
-    f"compile {report.compile_s:.1f} s; FLOPs per step {report.flops_per_step:.3e} "
+    f"compile {report.compile_s:.1f} s ({report.lower_s:.1f} s before XLA's); FLOPs per step {report.flops_per_step:.3e} "
     "(jaxpr count: scanned layers times depth, remat recompute included)",
   ]
   if report.compiler_error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -146,7 +147,8 @@ class Report:
   hbm_usable_gib: float
   hbm_source: str
   per_chip_gib: dict[str, float]
-  compile_s: float
+  compile_s: float  # Trace, FLOP count, lowering and XLA's compile.
+  lower_s: float = 0.0  # The part before XLA's compile.
   flops_per_step: float = 0.0
   roofline: dict[str, Any] = dataclasses.field(default_factory=dict)
   collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -200,11 +202,20 @@ def compile_report(build: StepBuild, topology_name: str) -> Report:
   start = time.time()
   traced = trainer.compile_step(parts, build.shardings).trace(state, build.batch)
   flops = progress.step_flops(traced)
+  lowered = traced.lower()
+  lowered_s = time.time() - start
+  # A long compile (minutes for unrolled towers on a small host) says where it is.
+  print(
+    f"traced, counted and lowered in {lowered_s:.0f} s; XLA compiling for "
+    f"{len(devices)} x {devices[0].device_kind}...",
+    file=sys.stderr,
+    flush=True,
+  )
   error, compiled = "", None
   try:
     with _no_compilation_cache():
       # Deviceless GPU targets need options (gpu_targets); real devices and TPUs none.
-      compiled = traced.lower().compile(compiler_options=gpu_targets.compiler_options(devices))
+      compiled = lowered.compile(compiler_options=gpu_targets.compiler_options(devices))
   except Exception as e:  # XLA's runtime error; anything but memory is re-raised.
     if not _OUT_OF_MEMORY.search(str(e)):
       raise
@@ -221,6 +232,7 @@ def compile_report(build: StepBuild, topology_name: str) -> Report:
     hbm_source=source,
     per_chip_gib={k: v / GIB for k, v in per_chip.items()},
     compile_s=compile_s,
+    lower_s=lowered_s,
     flops_per_step=flops,
     compiler_error=error,
   )
