@@ -99,7 +99,7 @@ def test_the_config_flag_overrides_the_selected_methods_block_not_anothers(tmp_p
     ("albef", {"albef"}),
     ("cmask", {"albef", "cmask"}),
     ("vlc", {"vlc"}),
-    ("vlc_nlvr2", {"vlc"}),
+    ("vlc_nlvr2", {"vlc", "finetune"}),
   ],
 )
 def test_a_config_carries_its_methods_blocks_and_no_other(method, blocks):
@@ -144,3 +144,20 @@ def test_a_run_written_with_every_methods_block_still_loads(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(values))
   config = eval_runner.load_run_config(str(tmp_path))
   assert config.method == "cmask" and "vlc" not in config and config.albef.queue_size == 65_536
+
+
+def test_a_run_written_before_the_tasks_declared_their_options_still_loads(tmp_path):
+  # config.json of a run whose task options sat in config.eval and config.finetune.
+  values = json.loads(common.base_config("vlc_retrieval").to_json_best_effort())
+  for name in ("zeroshot_classification", "svo", "itm_retrieval"):
+    del values["eval"][name]
+  values["eval"].update(templates="/prompts.txt", svo_threshold=0.25)
+  values["finetune"].update(shortlist="/runs/clip", shortlist_k=16)
+  (tmp_path / "config.json").write_text(json.dumps(values))
+  config = eval_runner.load_run_config(str(tmp_path))
+  assert config.eval.zeroshot_classification.templates == "/prompts.txt"
+  assert config.eval.svo.threshold == 0.25 and "shortlist" not in config.finetune
+  assert (config.eval.itm_retrieval.shortlist, config.eval.itm_retrieval.shortlist_k) == (
+    "/runs/clip",
+    16,
+  )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -15,6 +16,7 @@ from tests.conftest import ROOT
 from tests.runs import run_script
 from tests.test_eval_readers import write_image, write_json
 from vlp_jax import checkpointing, trainer
+from vlp_jax.config_lib import in_range
 from vlp_jax.evaluation import tasks
 from vlp_jax.input_pipeline import classification_readers as cls_readers
 from vlp_jax.methods import METHODS, Method, MethodContext
@@ -112,23 +114,38 @@ class ColourShareTask(tasks.Task):
 
   name = "colour_share"
 
-  def __init__(self, data: cls_readers.ClassificationSet):
-    self.data = data
+  def __init__(self, data: cls_readers.ClassificationSet, min_share: float):
+    self.data, self.min_share = data, min_share
 
   def evaluate(self, embedder, params):
     emb = embedder.images(params, self.data.images, len(self.data.labels))
     order = [self.data.classnames.index(c) for c in COLOURS]  # Folder order -> RGB order.
     right = np.argmax(emb, axis=1) == np.asarray(order)[self.data.labels]
-    metrics = {"share": float(right.mean()), "num_images": float(len(right))}
+    share = float(right.mean())
+    metrics = {"share": share, "num_images": float(len(right))}
+    metrics["passed"] = float(share >= self.min_share)
     return [tasks.Result(self.name, self.data.name, metrics, ["share"])]
 
 
 def create_colour_share(ctx: tasks.Context) -> list[tasks.Task]:
   (spec,) = ctx.specs("colour_share", ("split",))
-  return [ColourShareTask(cls_readers.read_classification(spec, spec.get("split", "test")))]
+  data = cls_readers.read_classification(spec, spec.get("split", "test"))
+  return [ColourShareTask(data, ctx.config.eval.colour_share.min_share)]
 
 
-COLOUR_SHARE = tasks.TaskDef("colour_share", ("embed_image",), create_colour_share)
+def colour_share_options() -> ml_collections.ConfigDict:
+  options = ml_collections.ConfigDict()
+  options.min_share = 0.5  # The share at which the result's "passed" is 1.
+  return options
+
+
+COLOUR_SHARE = tasks.TaskDef(
+  "colour_share",
+  ("embed_image",),
+  create_colour_share,
+  options=colour_share_options,
+  rules={"min_share": in_range(0, 1)},
+)
 
 
 @pytest.fixture
@@ -144,6 +161,7 @@ def test_a_task_registered_outside_the_package_runs_through_eval_py(
   with pytest.raises(ValueError, match="already registered"):
     tasks.register(tasks.TaskDef("colour_share", (), create_colour_share))
   assert "colour_share" in tasks.data_fields()
+  assert tiny_config.eval.colour_share.min_share == 0.5  # Its options, with their defaults.
   tiny_config.method = "colour"
   exp = trainer.create_experiment(tiny_config, str(tmp_path / "run"))
   state, _ = trainer.create_train_state(exp.method, exp.tx, exp.mesh, tiny_config.seed)
@@ -151,19 +169,23 @@ def test_a_task_registered_outside_the_package_runs_through_eval_py(
   manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()
   shapes = write_colour_sets(str(tmp_path / "data"))["zeroshot_classification"]
-  proc = run_script(
-    "eval.py",
+  args = [
     f"--config={ROOT}/tests/configs/tiny.py:cache_dir={cache_dir}",
     "--config.method=colour",
     f"--config.eval.data.colour_share={shapes}",
     f"--workdir={exp.workdir}",
     "--tasks=colour_share",
     "--noprogress",
-  )
+  ]
+  # Its options' rules are the config's: a bad value fails before any compute.
+  proc = run_script("eval.py", *args, "--config.eval.colour_share.min_share=1.5")
+  assert proc.returncode != 0
+  assert "config.eval.colour_share.min_share=1.5: must be in [0, 1]" in proc.stderr
+  proc = run_script("eval.py", *args, "--config.eval.colour_share.min_share=1.0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.loads(
     Path(exp.workdir, "eval", "step_00000001", "shapes_colour_share.json").read_text()
   )
   assert saved["task"] == "colour_share"
-  assert saved["metrics"] == {"share": 1.0, "num_images": 6.0}
+  assert saved["metrics"] == {"share": 1.0, "num_images": 6.0, "passed": 1.0}
   assert "### colour_share" in Path(exp.workdir, "eval", "summary.md").read_text()

@@ -18,7 +18,7 @@ import pytest
 
 from vlp_jax import experiment, optim, sharding
 from vlp_jax.config_lib import ConfigError
-from vlp_jax.configs import demo
+from vlp_jax.configs import common, demo
 from vlp_jax.methods import (
   METHODS,
   MethodContext,
@@ -54,7 +54,7 @@ def shrink_vlc(
   """A VLC `config` at test size (32 px, 8 px patches: 16, width 32, 2 blocks), its
   config.method `method` and the given config.finetune fields."""
   config.unlock()
-  config.method = method
+  common.use_method(config, method)  # Adds its config.finetune.
   image = config.model.image
   image.image_size, image.width, image.depth, image.num_heads, image.mlp_dim = 32, 32, 2, 2, 64
   config.vlc.decoder_width, config.vlc.decoder_depth = 32, 1

@@ -245,18 +245,21 @@ def test_a_bad_shortlist_fails_naming_the_config_key(clip_run, pretrained_run, t
   fns = task_method("retrieval").predict_fns()
 
   def create(shortlist: str, k: int = 4):
-    config = tiny_config("vlc_retrieval", shortlist=shortlist, shortlist_k=k)
+    config = tiny_config("vlc_retrieval")
+    config.eval.itm_retrieval.shortlist, config.eval.itm_retrieval.shortlist_k = shortlist, k
     config.eval.data.itm_retrieval = "heldout"
     return eval_tasks.create_tasks(
       ["itm_retrieval"], eval_tasks.Context(config, fns, None, lambda: data, from_values)
     )
 
   for path in (str(tmp_path / "nowhere"), str(tmp_path)):  # Missing; neither run nor CLIP.
-    with pytest.raises(ConfigError, match=r"config\.finetune\.shortlist: "):
+    with pytest.raises(ConfigError, match=r"config\.eval\.itm_retrieval\.shortlist: "):
       create(path)
-  with pytest.raises(ConfigError, match=r"config\.finetune\.shortlist: .* not a dual encoder"):
+  with pytest.raises(
+    ConfigError, match=r"config\.eval\.itm_retrieval\.shortlist: .* not a dual encoder"
+  ):
     create(pretrained_run)  # A VLC run has no embeddings.
-  with pytest.raises(ValueError, match=r"config\.finetune\.shortlist_k=0"):
+  with pytest.raises(ValueError, match=r"config\.eval\.itm_retrieval\.shortlist_k=0"):
     create(clip_run, 0)
   (task,) = create(clip_run)
   assert task.shortlist_k == 4 and task.shortlist.path == clip_run

@@ -5,6 +5,7 @@ base_config(method) / use_method, so a run's config.json carries only its method
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,6 @@ def base_config(method: str = "contrastive") -> ml_collections.ConfigDict:
 
   model.add_model(config)
   _add_training(config)
-  _add_finetune(config)
   _add_masking(config)
   _add_data(config)
   _add_optim(config)
@@ -82,63 +82,6 @@ def _add_training(config: ml_collections.ConfigDict) -> None:
   # Split each global batch into this many microbatches, with negatives shared across the
   # whole batch (features are cached, then each microbatch is re-run with gradients).
   config.grad_accum_steps = 1
-
-
-def _add_finetune(config: ml_collections.ConfigDict) -> None:
-  """config.finetune: fine-tuning a VLC run (the vlc_* methods and their evaluation)."""
-  # Fine-tuning a VLC run on a downstream task: config.method "vlc_vqa", "vlc_nlvr2",
-  # "vlc_retrieval" or "vlc_classify" (vlp_jax/methods/vlc_finetune.py). The encoder is
-  # config.model's, read as for "vlc": give the pretraining run's model and tokenizer.
-  config.finetune = ml_collections.ConfigDict()
-  # The VLC run (its workdir) whose newest checkpoint gives the encoder and pooler (and
-  # the retrieval rank head, from its ITM head), loaded when this workdir has no
-  # checkpoint yet; "none": random initialisation, on purpose ("" is refused when a fresh
-  # run starts: a fine-tune without its pretraining would look valid and is not).
-  config.finetune.pretrained = ""
-  # The task's training data, one spec ("builtin": the generated set below): vqa
-  # "QUESTIONS_JSON,annotations=ANNOTATIONS_JSON,images=COCO_DIR", nlvr2
-  # "train.json,images=DIR", classify a class-folder tree or wds directory
-  # [,train_split=train]. Retrieval trains on config.data.train's image-text shards.
-  # Evaluation reads config.eval.data.<vqa|nlvr2|classify_finetuned|itm_retrieval>.
-  config.finetune.train = "builtin"
-  # VQA answers (the head's outputs): a file, one answer per line; "": the answers that
-  # are the most common answer of >= min_answer_count training questions (VQAv2: 3,129).
-  config.finetune.answers = ""
-  config.finetune.min_answer_count = 9
-  # Layer-wise lr decay: encoder block i trains at lr * lr_decay ** (depth - i), the
-  # embeddings at lr * lr_decay ** (depth + 1), final norm, pooler and heads at lr (VLC: 0.5).
-  config.finetune.lr_decay = 0.5
-  # The new heads' (VQA, NLVR2, classifier) lr multiplier. VLC's layer-wise groups give
-  # them 1 (its lr_mult=10 only reaches its pretraining-style groups, as ViLT's do).
-  config.finetune.head_lr_multiplier = 1.0
-  # Random-resized-crop area range of training images; None: the whole image (the demos:
-  # a crop could cut away what is asked about; configs/vlc_*.py: VLC's (0.9, 1.0)).
-  # Flips: classify only.
-  config.finetune.crop_scale = ml_collections.FieldReference(None, field_type=tuple)
-  config.finetune.flip = False
-  # Retrieval: other rows' captions each image is ranked against besides its own (VLC:
-  # 15 drawn captions) and the ITM loss weight beside the rank loss, ITM head frozen. 0, as
-  # VLC and ViLT train: their configs list "itm": 0.5, but set_task keeps only the losses
-  # of weight >= 1, so the rank head trains alone.
-  config.finetune.num_negatives = 15
-  config.finetune.itm_weight = 0.0
-  # Retrieval evaluation (itm_retrieval): the dual encoder whose shortlist_k nearest
-  # candidates per query the rank head re-ranks, a CLIP run's workdir or a converted CLIP
-  # directory (python -m vlp_jax.weights.convert); a true match outside the shortlist is
-  # a miss. "": the rank head scores every pair (VLC's compute_irtr_recall; small sets).
-  config.finetune.shortlist = ""
-  config.finetune.shortlist_k = 128
-  config.finetune.label_smoothing = 0.1  # Classify (MAE's fine-tuning recipe).
-  # The generated sets ("builtin"): VQA images (3 questions each) or NLVR2 statement
-  # pairs of the training and evaluation splits, their rendered size and seed.
-  config.finetune.builtin = ml_collections.ConfigDict()
-  config.finetune.builtin.num_train = 2_000
-  config.finetune.builtin.num_eval = 300
-  config.finetune.builtin.image_size = 64
-  config.finetune.builtin.seed = 0
-  # NLVR2 statement kinds (comma list of more, both_colour, contains, fewer_shapes, total:
-  # input_pipeline/builtin_nlvr2.py); "": all of them.
-  config.finetune.builtin.nlvr2_statements = ""
 
 
 def _add_masking(config: ml_collections.ConfigDict) -> None:
@@ -215,7 +158,8 @@ def _add_eval(config: ml_collections.ConfigDict) -> None:
   # Tasks run at every evaluation and by eval.py (its --tasks overrides): comma list of
   # registered tasks (vlp_jax/evaluation/tasks/, one module each; eval.py --help lists
   # them), e.g. heldout (retrieval on data.eval, plus the built-in set's compositional
-  # probe) or fine-tuned heads' vqa ("builtin" data: the generated sets of config.finetune).
+  # probe) or fine-tuned heads' vqa ("builtin" data: the generated sets of config.finetune,
+  # the fine-tuning methods' block).
   config.eval.tasks = "heldout"
   # Dataset of each task that reads one: "path[,key=value...]", several joined by ";"
   # (eval.py: --data.<task>=...); formats and options: each task module's docstring.
@@ -225,18 +169,12 @@ def _add_eval(config: ml_collections.ConfigDict) -> None:
   # top rerank_k candidates by ITA similarity with the ITM score (ALBEF's protocol,
   # evaluation/rerank.py), and the compositional tasks also score with ITM; 0: off.
   config.eval.rerank_k = 128
-  config.eval.templates = ""  # Zero-shot prompt file, "{c}" per line; "": CLIP's 80 ImageNet ones.
-  # SVO probes: a pair matches when its cosine similarity exceeds this; None: the
-  # threshold that maximises the macro accuracy (an oracle, reported with the metrics).
-  config.eval.svo_threshold = ml_collections.FieldReference(None, field_type=float)
-  config.eval.linear_probe = ml_collections.ConfigDict()  # CLIP_benchmark's probe recipe.
-  config.eval.linear_probe.lr = 0.1
-  config.eval.linear_probe.epochs = 10
-  config.eval.linear_probe.batch_size = 64
-  config.eval.linear_probe.seed = 0
-  # Share of the training split held out to search the weight decay when the dataset
-  # has no validation split (val_split=); 0: no search, weight decay 0.
-  config.eval.linear_probe.val_proportion = 0.2
+  # Each registered task's own options, declared on its module (TaskDef.options), e.g.
+  # config.eval.svo.threshold, config.eval.linear_probe.lr, config.eval.itm_retrieval.shortlist.
+  for name, options in eval_tasks.option_fields().items():
+    if name in config.eval:
+      raise ValueError(f"evaluation task {name!r}: its options would replace config.eval.{name}")
+    config.eval[name] = options
 
 
 def _add_run_control(config: ml_collections.ConfigDict) -> None:
@@ -274,8 +212,9 @@ def use_method(config: ml_collections.ConfigDict, method: str) -> None:
 
 
 def config_rules(method: str) -> dict[str, Rule]:
-  """The rules of a `method` run's config: the base RULES and those of its blocks."""
-  rules = dict(RULES)
+  """The rules of a `method` run's config: the base RULES, those of the registered
+  evaluation tasks' options (config.eval.<task>) and those of the method's blocks."""
+  rules = {**RULES, **eval_tasks.option_rules()}
   for block in methods.config_blocks(method):
     rules.update(block.config_rules())
   return rules
@@ -283,10 +222,41 @@ def config_rules(method: str) -> dict[str, Rule]:
 
 def run_base(values: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """The base config of a run's config.json `values` (its method's) and the values to set
-  on it: blocks of other methods dropped (runs before per-method blocks wrote them all)."""
+  on it: keys since moved to a task's options at their new place, blocks of other methods
+  dropped (runs before per-method blocks wrote them all)."""
   base = base_config(values.get("method", "contrastive"))
+  values = _moved(values)
   owners = methods.block_owners()
   return base, {key: v for key, v in values.items() if key in base or key not in owners}
+
+
+# Keys a run's config.json may hold that moved to an evaluation task's options: old path
+# -> new path (both under config). A value at the new path wins.
+MOVED_KEYS = {
+  "eval.templates": "eval.zeroshot_classification.templates",
+  "eval.svo_threshold": "eval.svo.threshold",
+  "finetune.shortlist": "eval.itm_retrieval.shortlist",
+  "finetune.shortlist_k": "eval.itm_retrieval.shortlist_k",
+}
+
+
+def _moved(values: Mapping[str, Any]) -> dict[str, Any]:
+  """`values` (nested, copied where changed) with MOVED_KEYS at their new paths."""
+  values = json.loads(json.dumps(values))  # A deep copy: config.json's values are JSON.
+  for old, new in MOVED_KEYS.items():
+    *old_parents, old_name = old.split(".")
+    node = values
+    for part in old_parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or old_name not in node:
+      continue
+    value = node.pop(old_name)
+    *new_parents, new_name = new.split(".")
+    target = values
+    for part in new_parents:
+      target = target.setdefault(part, {})
+    target.setdefault(new_name, value)
+  return values
 
 
 # The valid range of every numeric field of base_config, checked before any compute
@@ -307,18 +277,6 @@ RULES: dict[str, Rule] = {
   "peft.adapter_reduction": at_least(1),
   "peft.lora_rank": at_least(1),
   "peft.lora_alpha": positive(),
-  "finetune.min_answer_count": at_least(1),
-  "finetune.lr_decay": in_range(0, 1, include_high=True),  # 1: no decay.
-  "finetune.head_lr_multiplier": positive(),
-  "finetune.crop_scale": fraction_interval(),  # None: the whole image.
-  "finetune.num_negatives": at_least(1),  # < batch_size: methods/vlc_retrieval.py.
-  "finetune.shortlist_k": at_least(1),
-  "finetune.itm_weight": at_least(0),
-  "finetune.label_smoothing": in_range(0, 1, include_high=False),
-  "finetune.builtin.num_train": at_least(2),
-  "finetune.builtin.num_eval": at_least(1),
-  "finetune.builtin.image_size": at_least(8),
-  "finetune.builtin.seed": at_least(0),
   "grad_accum_steps": at_least(1),
   "masking.ratio": in_range(0, 1, include_high=False),
   "masking.min_ratio": in_range(0, 1, include_high=False),
@@ -350,12 +308,6 @@ RULES: dict[str, Rule] = {
   "eval.max_captions": at_least(1),
   "eval.recall_ks": each(at_least(1)),
   "eval.rerank_k": at_least(0),  # 0: no ITM re-ranking.
-  "eval.svo_threshold": in_range(-1, 1),  # A cosine similarity.
-  "eval.linear_probe.lr": positive(),
-  "eval.linear_probe.epochs": at_least(1),
-  "eval.linear_probe.batch_size": at_least(1),
-  "eval.linear_probe.seed": at_least(0),
-  "eval.linear_probe.val_proportion": in_range(0, 1, include_high=False),  # 0: no search.
   "log_every_steps": at_least(1),
   "checkpoint_every_steps": at_least(1),
   "keep_checkpoints": at_least(1),  # 0 would delete every checkpoint, the last one too.

@@ -7,13 +7,13 @@ others (cross-entropy); the ITM head stays frozen and out of the loss.
       --config.data.vocab_file=/data/bert-base-uncased-vocab.txt \
       --config.data.train=/data/f30k_train_shards --config.data.eval=/data/f30k_test_shards \
       --config.eval.data.itm_retrieval=heldout \
-      --config.finetune.shortlist=/runs/clip_f30k   # optional: re-rank a CLIP's top 128
+      --config.eval.itm_retrieval.shortlist=/runs/clip_f30k   # optional: re-rank a CLIP's top 128
 
 Training reads config.data.train's image-text shards (input_pipeline/convert.py); the
 other rows' captions of a batch stand in for VLC's captions drawn from the dataset.
 Evaluation (itm_retrieval) scores every image-caption pair with the rank head, as VLC's
 compute_irtr_recall: Flickr30k's 1k x 5k test is 5M pairs, COCO's 5k x 25k 125M. With
-`shortlist=` (config.finetune.shortlist: a CLIP run's workdir or a converted CLIP
+`shortlist=` (config.eval.itm_retrieval.shortlist: a CLIP run's workdir or a converted CLIP
 directory) the rank head only re-ranks each query's `shortlist_k` nearest by that CLIP
 (COCO: (25k + 5k) x 128 pairs, not 125M); a match outside the shortlist is a miss.
 
@@ -66,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Retrieval reads the image-text shards (config.data), cropped as "mae_randaug" does.
   config.data.crop_scale = vlc_vqa.REFERENCE_CROP_SCALE
   config.data.flip = False
-  config.finetune.shortlist = args.shortlist
-  config.finetune.shortlist_k = args.shortlist_k
+  config.eval.itm_retrieval.shortlist = args.shortlist
+  config.eval.itm_retrieval.shortlist_k = args.shortlist_k
   config.eval.tasks = "itm_retrieval"
   config.eval.every_steps = 0  # All pairs: only at the end.
   return config_lib.lock(config)

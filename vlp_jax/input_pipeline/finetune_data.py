@@ -6,7 +6,8 @@ that training and evaluation read a spec the same way.
   joined by ";" (e.g. VQAv2's train and val for training);
 - NLVR2: `FILE.json,images=DIR` (nlvr2_data.py), several joined by ";";
 - "builtin" for either: the generated sets (builtin_vqa.py, builtin_nlvr2.py) sized by
-  config.finetune.builtin;
+  config.finetune.builtin (the fine-tuning methods' block, methods/vlc_finetune_config.py:
+  evaluation reads it from the fine-tuning run's config, which generated its training split);
 - classification: one spec as classification_readers.py reads it, `split=` (evaluation,
   default "val") and `train_split=` (training, default "train");
 - the VQA answer vocabulary: config.finetune.answers, or ViLT's built from the training
@@ -22,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from vlp_jax.config_lib import ConfigError
 from vlp_jax.input_pipeline import builtin_nlvr2, builtin_vqa, nlvr2_data, vqa_data
 from vlp_jax.input_pipeline import classification_readers as cls_readers
 from vlp_jax.input_pipeline.dataset_files import DatasetSpec, parse_specs, stem
@@ -56,10 +58,17 @@ class BuiltinSets:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> BuiltinSets:
-    b = config.finetune.builtin
+    b = finetune_block(config, "finetune.builtin").builtin
     return cls(
       config.data.cache_dir, b.num_train, b.num_eval, b.image_size, b.seed, b.nlvr2_statements
     )
+
+  @classmethod
+  def for_spec(cls, config: ml_collections.ConfigDict, text: str) -> BuiltinSets | None:
+    """from_config for a "builtin" dataset spec `text`, None for files: evaluation reads
+    the generated set's settings from the fine-tuning run's config, whose training split
+    they generated, and needs none for files."""
+    return cls.from_config(config) if text == BUILTIN else None
 
   @property
   def nlvr2_kinds(self) -> tuple[str, ...]:
@@ -71,6 +80,18 @@ class BuiltinSets:
         f"{list(builtin_nlvr2.STATEMENT_KINDS)}"
       )
     return kinds or builtin_nlvr2.STATEMENT_KINDS
+
+
+def finetune_block(config: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
+  """config.finetune, which only a VLC fine-tuning run's config carries; a ConfigError
+  naming config.<key> for a config of another method."""
+  if "finetune" not in config:
+    raise ConfigError(
+      f"config.{key} is read from a VLC fine-tuning run's config (config.method vlc_vqa, "
+      f"vlc_nlvr2, vlc_retrieval or vlc_classify); config.method={config.method!r} has "
+      "no config.finetune"
+    )
+  return config.finetune
 
 
 def one_spec(text: str, flag: str, options: Sequence[str]) -> DatasetSpec:
@@ -123,12 +144,14 @@ _TASK_FILES = {
 
 @functools.lru_cache(maxsize=8)  # The method and the evaluation read the same files.
 def read_task_spec(
-  task: str, text: str, train: bool, builtin: BuiltinSets, flag: str
+  task: str, text: str, train: bool, builtin: BuiltinSets | None, flag: str
 ) -> tuple[str, tuple[Any, ...]]:
   """(dataset name, examples) of a VQA or NLVR2 spec: its ";"-joined files (names joined
   by "+"), or "builtin": the generated set's training or evaluation split."""
   files = _TASK_FILES[task]
   if text == BUILTIN:
+    if builtin is None:
+      raise ValueError(f"{flag}=builtin: the generated set needs config.finetune.builtin")
     split = files.splits[0] if train else files.splits[1]
     return f"builtin-{task}", tuple(files.ensure(builtin).examples(split))
   names, examples = [], []
@@ -143,16 +166,17 @@ def read_task_spec(
 
 
 def read_vqa_spec(
-  text: str, train: bool, builtin: BuiltinSets, flag: str = "--data.vqa"
+  text: str, train: bool, builtin: BuiltinSets | None, flag: str = "--data.vqa"
 ) -> tuple[str, tuple[vqa_data.VqaExample, ...]]:
-  """read_task_spec of VQA (VQAv2's train and val may be joined for training)."""
+  """read_task_spec of VQA (VQAv2's train and val may be joined for training; `builtin`
+  only needed for "builtin")."""
   return read_task_spec("vqa", text, train, builtin, flag)
 
 
 def read_nlvr2_spec(
-  text: str, train: bool, builtin: BuiltinSets, flag: str = "--data.nlvr2"
+  text: str, train: bool, builtin: BuiltinSets | None, flag: str = "--data.nlvr2"
 ) -> tuple[str, tuple[nlvr2_data.Nlvr2Example, ...]]:
-  """read_task_spec of NLVR2."""
+  """read_task_spec of NLVR2 (`builtin` only needed for "builtin")."""
   return read_task_spec("nlvr2", text, train, builtin, flag)
 
 
@@ -187,7 +211,7 @@ def answer_vocab(
 
 def config_answer_vocab(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """answer_vocab of a run's config.finetune."""
-  tune = config.finetune
+  tune = finetune_block(config, "finetune.answers")
   return answer_vocab(
     tune.answers, tune.train, tune.min_answer_count, BuiltinSets.from_config(config)
   )

@@ -17,6 +17,7 @@ from vlp_jax.methods import (
   negclip,
   vlc,
   vlc_classify,
+  vlc_finetune_config,
   vlc_nlvr2,
   vlc_retrieval,
   vlc_vqa,
@@ -48,11 +49,12 @@ CONFIG_BLOCKS: dict[str, tuple[ConfigBlock, ...]] = {
   "albef": (albef.CONFIG_BLOCK,),
   "cmask": (albef.CONFIG_BLOCK, cmask.CONFIG_BLOCK),
   "vlc": (vlc.CONFIG_BLOCK,),
-  # The fine-tuning methods build VLC's encoder (and read its decoder fields).
-  "vlc_vqa": (vlc.CONFIG_BLOCK,),
-  "vlc_nlvr2": (vlc.CONFIG_BLOCK,),
-  "vlc_retrieval": (vlc.CONFIG_BLOCK,),
-  "vlc_classify": (vlc.CONFIG_BLOCK,),
+  # The fine-tuning methods build VLC's encoder (and read its decoder fields) and read
+  # their own config.finetune (vlc_finetune_config.py).
+  "vlc_vqa": (vlc.CONFIG_BLOCK, vlc_finetune_config.CONFIG_BLOCK),
+  "vlc_nlvr2": (vlc.CONFIG_BLOCK, vlc_finetune_config.CONFIG_BLOCK),
+  "vlc_retrieval": (vlc.CONFIG_BLOCK, vlc_finetune_config.CONFIG_BLOCK),
+  "vlc_classify": (vlc.CONFIG_BLOCK, vlc_finetune_config.CONFIG_BLOCK),
 }
 
 

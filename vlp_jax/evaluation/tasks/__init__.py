@@ -2,8 +2,9 @@
 
 A task module declares a `TaskDef`: its name (config.eval.tasks, eval.py --tasks), the
 prediction functions it needs from a method (`Method.predict_fns` names), whether it
-reads a dataset spec from config.eval.data.<name>, and `create(Context) -> [Task]`,
-which reads its data (bad paths fail before any compute). A method that offers the
+reads a dataset spec from config.eval.data.<name>, its own options (config.eval.<name>,
+defaults and rules) and `create(Context) -> [Task]`, which reads its data (bad paths
+fail before any compute). A method that offers the
 functions a task needs gets the task; adding one is a module and a line in `REGISTRY`
 (or `register(TaskDef(...))` from outside the package, before the config is built).
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ml_collections
+
+from vlp_jax.config_lib import Rule
 from vlp_jax.evaluation.tasks import (
   agent_masking,
   classify,
@@ -47,7 +51,8 @@ REGISTRY: dict[str, TaskDef] = {
 
 def register(task: TaskDef) -> None:
   """Adds `task` (a ValueError if its name is taken). Register before the config is
-  built (configs/common.py gives each data-reading task its config.eval.data field)."""
+  built (configs/common.py gives each data-reading task its config.eval.data field and
+  each task with options its config.eval.<name>)."""
   if task.name in REGISTRY and REGISTRY[task.name] is not task:
     raise ValueError(f"an evaluation task {task.name!r} is already registered")
   REGISTRY[task.name] = task
@@ -56,6 +61,16 @@ def register(task: TaskDef) -> None:
 def data_fields() -> dict[str, str]:
   """config.eval.data's fields: one dataset spec per task that reads one ("": unset)."""
   return {name: "" for name, task in REGISTRY.items() if task.reads_data}
+
+
+def option_fields() -> dict[str, ml_collections.ConfigDict]:
+  """config.eval.<name> of every task that declares options: their defaults."""
+  return {name: task.options() for name, task in REGISTRY.items() if task.options}
+
+
+def option_rules() -> dict[str, Rule]:
+  """The rules of every task's options, keyed by their path ("eval.svo.threshold")."""
+  return {key: rule for task in REGISTRY.values() for key, rule in task.config_rules().items()}
 
 
 def _lookup(name: str) -> TaskDef:
@@ -93,5 +108,7 @@ __all__ = [
   "check_servable",
   "create_tasks",
   "data_fields",
+  "option_fields",
+  "option_rules",
   "register",
 ]

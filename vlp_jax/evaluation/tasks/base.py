@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from vlp_jax.config_lib import ConfigError
+from vlp_jax.config_lib import ConfigError, Rule
 from vlp_jax.evaluation import readers, rerank
 from vlp_jax.evaluation.embedding import Embedder
 
@@ -93,6 +93,11 @@ class TaskDef:
     --data.<name>); the others read the run's own held-out set.
   needs_what: what the needed functions are, in words, for the error a method without
     them gets.
+  options: its own options, config.eval.<name>: a function returning their defaults (a
+    fresh ConfigDict, a comment on each field); None: it has none. Options several tasks
+    or the evaluator read (eval.recall_ks, eval.rerank_k, ...) stay in config.eval.
+  rules: the valid range of its numeric options, keyed relative to them ("threshold" for
+    config.eval.svo.threshold), checked with the config's rules before any compute.
   """
 
   name: str
@@ -100,3 +105,9 @@ class TaskDef:
   create: Callable[[Context], list[Task]]
   reads_data: bool = True
   needs_what: str = "embeddings"
+  options: Callable[[], ml_collections.ConfigDict] | None = None
+  rules: Mapping[str, Rule] = dataclasses.field(default_factory=dict)
+
+  def config_rules(self) -> dict[str, Rule]:
+    """The rules keyed by their path in the whole config ("eval.svo.threshold")."""
+    return {f"eval.{self.name}.{key}": rule for key, rule in self.rules.items()}

@@ -1,9 +1,9 @@
 """Retrieval ranked by the method's matching head ("match_image" + "match_score",
 evaluation/rerank.py), for models without embeddings (single-stream): every (image,
 caption) pair is scored once, as VLC's compute_irtr_recall does, or, with a dual encoder
-named by config.finetune.shortlist (a run of a method with embeddings, or a converted
-CLIP), only each query's shortlist_k nearest by its embeddings, a true match outside the
-shortlist counting as a miss.
+named by config.eval.itm_retrieval.shortlist (a run of a method with embeddings, or a
+converted CLIP), only each query's shortlist_k nearest by its embeddings, a true match
+outside the shortlist counting as a miss.
 
 Dataset: config.eval.data.itm_retrieval, "heldout" (the run's eval shards) or a
 zeroshot_retrieval spec.
@@ -15,9 +15,11 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
 
+from vlp_jax.config_lib import at_least
 from vlp_jax.evaluation import readers, rerank
 from vlp_jax.evaluation.embedding import Embedder
 from vlp_jax.evaluation.retrieval import retrieval_metrics
@@ -117,14 +119,33 @@ def create(ctx: Context) -> list[Task]:
     if len(specs) != 1:
       raise ValueError(f"{flag} takes one dataset, got {len(specs)}")
     data = readers.read_retrieval(specs[0], config.eval.max_captions)
-  tune, shortlist = config.finetune, None
-  if tune.shortlist:
-    if tune.shortlist_k < 1:
-      raise ValueError(f"config.finetune.shortlist_k={tune.shortlist_k}: give k >= 1")
-    shortlist = load_dual_encoder(tune.shortlist, run_config=ctx.run_config)
+  options, shortlist = config.eval[NAME], None
+  if options.shortlist:
+    if options.shortlist_k < 1:
+      raise ValueError(f"config.eval.{NAME}.shortlist_k={options.shortlist_k}: give k >= 1")
+    shortlist = load_dual_encoder(options.shortlist, run_config=ctx.run_config)
   return [
-    ItmRetrievalTask(data, ctx.predict_fns, config.eval.recall_ks, shortlist, tune.shortlist_k)
+    ItmRetrievalTask(data, ctx.predict_fns, config.eval.recall_ks, shortlist, options.shortlist_k)
   ]
 
 
-TASK = TaskDef(NAME, rerank.MATCH_FNS, create, needs_what="matching head")
+def _options() -> ml_collections.ConfigDict:
+  """config.eval.itm_retrieval."""
+  options = ml_collections.ConfigDict()
+  # The dual encoder whose shortlist_k nearest candidates per query the matching head
+  # re-ranks: a run's workdir (a method with embeddings: CLIP, NegCLIP, ALBEF...) or a
+  # converted CLIP directory (python -m vlp_jax.weights.convert); a true match outside the
+  # shortlist is a miss. "": the head scores every pair (VLC's compute_irtr_recall; small sets).
+  options.shortlist = ""
+  options.shortlist_k = 128
+  return options
+
+
+TASK = TaskDef(
+  NAME,
+  rerank.MATCH_FNS,
+  create,
+  needs_what="matching head",
+  options=_options,
+  rules={"shortlist_k": at_least(1)},
+)

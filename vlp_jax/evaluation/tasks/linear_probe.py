@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from vlp_jax.config_lib import at_least, in_range, positive
 from vlp_jax.evaluation import linear_probe, readers
 from vlp_jax.evaluation.embedding import Embedder
 from vlp_jax.evaluation.tasks.base import Context, Result, Task, TaskDef
@@ -66,4 +67,30 @@ def create(ctx: Context) -> list[Task]:
   return [_task(spec, ctx.config.eval.linear_probe) for spec in ctx.specs(NAME, OPTIONS)]
 
 
-TASK = TaskDef(NAME, ("embed_image",), create, needs_what="image embedding")
+def _options() -> ml_collections.ConfigDict:
+  """config.eval.linear_probe: CLIP_benchmark's probe recipe."""
+  options = ml_collections.ConfigDict()
+  options.lr = 0.1  # AdamW's learning rate (cosine schedule).
+  options.epochs = 10  # Passes over the training embeddings.
+  options.batch_size = 64  # Embeddings per probe step.
+  options.seed = 0  # Seeds the head's initialisation, shuffling and the validation split.
+  # Share of the training split held out to search the weight decay when the dataset
+  # has no validation split (val_split=); 0: no search, weight decay 0.
+  options.val_proportion = 0.2
+  return options
+
+
+TASK = TaskDef(
+  NAME,
+  ("embed_image",),
+  create,
+  needs_what="image embedding",
+  options=_options,
+  rules={
+    "lr": positive(),
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "seed": at_least(0),
+    "val_proportion": in_range(0, 1, include_high=False),  # 0: no search.
+  },
+)

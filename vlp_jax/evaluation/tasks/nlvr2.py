@@ -104,9 +104,9 @@ def create(ctx: Context) -> list[Task]:
 
   flag = f"--data.{NAME}"
   text = ctx.dataset(NAME, " or builtin")
-  builtin = finetune_data.BuiltinSets.from_config(ctx.config)
+  builtin = finetune_data.BuiltinSets.for_spec(ctx.config, text)
   dataset, examples = finetune_data.read_nlvr2_spec(text, False, builtin, flag)
-  group_of = builtin_statement_kind if text == finetune_data.BUILTIN else None
+  group_of = builtin_statement_kind if builtin is not None else None
   return [Nlvr2Task(dataset, examples, ctx.predict_fns["nlvr2_logits"], group_of)]
 
 

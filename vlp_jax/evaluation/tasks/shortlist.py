@@ -1,5 +1,5 @@
 """The dual encoder that shortlists retrieval candidates for a matching head
-(config.finetune.shortlist): the run of any method whose prediction functions include
+(config.eval.itm_retrieval.shortlist): the run of any method whose prediction functions include
 embed_image and embed_text (CLIP, NegCLIP, ALBEF...), rebuilt from its config.json, or a
 converted CLIP (python -m vlp_jax.weights.convert)."""
 
@@ -22,7 +22,7 @@ from vlp_jax.evaluation.tasks.base import RunConfigFn
 from vlp_jax.input_pipeline import tokenizers
 from vlp_jax.models import clip
 
-SHORTLIST_KEY = "config.finetune.shortlist"
+SHORTLIST_KEY = "config.eval.itm_retrieval.shortlist"
 
 
 EMBEDDINGS = ("embed_image", "embed_text")

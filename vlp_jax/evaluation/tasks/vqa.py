@@ -4,8 +4,10 @@ question type. Questions without annotations (test-dev) are only answered.
 
 Dataset: config.eval.data.vqa, `QUESTIONS_JSON,annotations=ANNOTATIONS_JSON,images=DIR` or
 "builtin" (the generated set sized by config.finetune.builtin); the answers are the
-fine-tuning run's (config.finetune.answers or its training annotations). Beside the result
-JSON: the official accuracy dict and the test-dev style `[{"question_id", "answer"}]`.
+fine-tuning run's (config.finetune.answers or its training annotations): both read from
+the fine-tuning run's config, whose method's block (config.finetune) they are. Beside
+the result JSON: the official accuracy dict and the test-dev style
+`[{"question_id", "answer"}]`.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def create(ctx: Context) -> list[Task]:
 
   flag = f"--data.{NAME}"
   text = ctx.dataset(NAME, " or builtin")
-  builtin = finetune_data.BuiltinSets.from_config(ctx.config)
+  builtin = finetune_data.BuiltinSets.for_spec(ctx.config, text)
   dataset, examples = finetune_data.read_vqa_spec(text, False, builtin, flag)
   answers = finetune_data.config_answer_vocab(ctx.config)
   return [VqaTask(dataset, examples, answers, ctx.predict_fns["vqa_logits"])]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_collections
+
 from vlp_jax.evaluation import classification, compositional, readers
 from vlp_jax.evaluation.embedding import Embedder
 from vlp_jax.evaluation.tasks.base import Context, Result, Task, TaskDef
@@ -39,7 +41,7 @@ class ZeroShotClassificationTask(Task):
 
 
 def _templates(spec: readers.DatasetSpec, data: cls_readers.ClassificationSet, default: str):
-  """The spec's templates=, else the dataset's own, else config.eval.templates, else
+  """The spec's templates=, else the dataset's own, else the task's templates option, else
   CLIP's 80 ImageNet prompts."""
   if spec.get("templates"):
     return cls_readers.read_templates(spec.get("templates"))
@@ -55,9 +57,18 @@ def create(ctx: Context) -> list[Task]:
   for spec in ctx.specs(NAME, OPTIONS):
     data = cls_readers.read_classification(spec, spec.get("split", "test"))
     tasks.append(
-      ZeroShotClassificationTask(data, _templates(spec, data, ctx.config.eval.templates))
+      ZeroShotClassificationTask(data, _templates(spec, data, ctx.config.eval[NAME].templates))
     )
   return tasks
 
 
-TASK = TaskDef(NAME, ("embed_image", "embed_text"), create)
+def _options() -> ml_collections.ConfigDict:
+  """config.eval.zeroshot_classification."""
+  options = ml_collections.ConfigDict()
+  # Prompt file, "{c}" per line, for a dataset whose spec has no templates= and that has
+  # none of its own; "": CLIP's 80 ImageNet prompts.
+  options.templates = ""
+  return options
+
+
+TASK = TaskDef(NAME, ("embed_image", "embed_text"), create, options=_options)
