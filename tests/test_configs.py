@@ -137,6 +137,13 @@ def test_a_block_rule_names_the_key():
     config_lib.check_rules(config, common.config_rules("albef"))
 
 
+def test_a_task_option_rule_names_the_key():
+  config = common.base_config()
+  config.eval.svo.threshold = 1.5  # A cosine similarity.
+  with pytest.raises(ConfigError, match=r"config\.eval\.svo\.threshold=1\.5: must be in \[-1, 1\]"):
+    config_lib.check_rules(config, common.config_rules("contrastive"))
+
+
 def test_a_run_written_with_every_methods_block_still_loads(tmp_path):
   # config.json of a run before the methods' own blocks: every method's block in it.
   values = json.loads(common.base_config("vlc").to_json_best_effort())

@@ -167,7 +167,8 @@ def _add_eval(config: ml_collections.ConfigDict) -> None:
   config.eval.recall_ks = (1, 5, 10)  # Retrieval recall@k.
   # Methods with an image-text matching head (ALBEF): retrieval also re-ranks each query's
   # top rerank_k candidates by ITA similarity with the ITM score (ALBEF's protocol,
-  # evaluation/rerank.py), and the compositional tasks also score with ITM; 0: off.
+  # evaluation/rerank.py), and the compositional tasks also score with ITM; 0: off. Here,
+  # not a task's option: seven tasks share it (evaluation/tasks/base.py Context.matcher).
   config.eval.rerank_k = 128
   # Each registered task's own options, declared on its module (TaskDef.options), e.g.
   # config.eval.svo.threshold, config.eval.linear_probe.lr, config.eval.itm_retrieval.shortlist.

@@ -1,6 +1,7 @@
 """Fine-tuning a VLC run on a downstream task: what the four task methods share
 (vlc_vqa.py, vlc_nlvr2.py, vlc_retrieval.py, vlc_classify.py; config.method "vlc_<task>",
-their options in config.finetune), as the VLC reference code fine-tunes.
+their options in config.finetune: vlc_finetune_config.py), as the VLC reference code
+fine-tunes.
 
 Nothing is masked when fine-tuning. Every parameter trains in one group with layer-wise
 lr decay (methods/vlc.py, VLC's param_groups_lrd: block i at lr * decay ** (depth - i));
