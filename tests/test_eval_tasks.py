@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 from tests.runs import run_script
 from tests.test_eval_readers import write_image, write_json
 from vlp_jax import checkpointing, trainer
-from vlp_jax.config_lib import in_range
+from vlp_jax.config_lib import ConfigError, in_range
 from vlp_jax.evaluation import tasks
 from vlp_jax.input_pipeline import classification_readers as cls_readers
 from vlp_jax.methods import METHODS, Method, MethodContext
@@ -189,3 +189,11 @@ def test_a_task_registered_outside_the_package_runs_through_eval_py(
   assert saved["task"] == "colour_share"
   assert saved["metrics"] == {"share": 1.0, "num_images": 6.0, "passed": 1.0}
   assert "### colour_share" in Path(exp.workdir, "eval", "summary.md").read_text()
+
+
+def test_a_fine_tuned_heads_task_on_a_config_without_config_finetune_names_the_key(tiny_config):
+  # A method offering vqa_logits whose config lacks the fine-tuning methods' block.
+  tiny_config.eval.data.vqa = "builtin"
+  ctx = tasks.Context(tiny_config, {"vqa_logits": lambda *args: None}, None)
+  with pytest.raises(ConfigError, match=r"config\.finetune\.builtin is read from a VLC fine-tun"):
+    tasks.create_tasks(["vqa"], ctx)
