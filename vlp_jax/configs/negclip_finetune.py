@@ -11,6 +11,12 @@ Hard images are mined once with the starting model into <workdir>/negclip_neighb
 Negatives use spaCy's tagger when en_core_web_sm is installed (pip install spacy &&
 python -m spacy download en_core_web_sm), else the built-in dataset's lexicon plus
 any-two-word swaps. The paper's recipe (5 epochs on COCO, small lr) is the default.
+
+Meant for a TPU v5e-4 slice (v5e:2x2: the batch of 256 is 64 per chip, 128 images and 256
+texts with the hard ones), with --config.model.scan_layers=True --config.model.remat=full
+at launch. `python -m vlp_jax.preflight --config=configs/negclip_finetune.py
+--topology=v5e:2x2` with those two overrides (2026-12-08): fits, peak 2.84 GiB per chip
+of 15.75 (benchmarks/results/preflight_negclip_finetune_v5e_2x2.json).
 """
 
 from __future__ import annotations
