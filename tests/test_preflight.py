@@ -55,7 +55,9 @@ def _check_compiled_for_the_slice(report) -> None:
 # compile of the tiny step costs ~25 s here.
 @pytest.mark.parametrize("method", ["negclip", "albef", "cmask", "vlc"])
 def test_each_methods_step_compiles_for_a_tpu_slice_in_bfloat16(devices, method):
-  _check_compiled_for_the_slice(step.compile_report(step.build_step(_config(method), devices), SLICE))
+  _check_compiled_for_the_slice(
+    step.compile_report(step.build_step(_config(method), devices), SLICE)
+  )
 
 
 def test_a_step_too_large_for_the_chip_is_refused_with_what_would_fit(devices):
