@@ -122,7 +122,8 @@ def main(argv: list[str]) -> None:
     best, tried = fit.search(config, devices, name, max_compiles=_FIT_MAX.value)
     payload["fit"] = {
       "chosen": best.flags if best else None,
-      "tried": [{"overrides": c.flags, **dataclasses.asdict(c.report)} for c in tried],
+      # The candidate's flags, not the report's own (empty) overrides field.
+      "tried": [{**dataclasses.asdict(c.report), "overrides": c.flags} for c in tried],
     }
     if best is None:
       print("--fit: nothing tried fits; try a larger slice or a smaller global batch")
