@@ -10,6 +10,12 @@ The tower paths default to pretrained/ under the working directory; a missing on
 before any compute, naming its key. The WordPiece vocab defaults to the text
 checkpoint's vocab.txt. Any tower format of `python -m vlp_jax.weights.convert` works
 ("timm:/ckpt/mae_vit_base.pth" for an MAE encoder, with its model.image options).
+
+Meant for a TPU v5e-8 slice (v5e:2x4: the batch of 1,024 is 128 per chip), with
+--config.model.remat=full at launch (BERT has no scanned layout). `python -m
+vlp_jax.preflight --config=configs/lit_b16_bert.py --topology=v5e:2x4` with that override
+(2026-12-08): fits, peak 2.41 GiB per chip of 15.75
+(benchmarks/results/preflight_lit_b16_bert_v5e_2x4.json).
 """
 
 from __future__ import annotations
