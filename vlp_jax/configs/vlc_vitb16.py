@@ -17,6 +17,12 @@ every "loss" output); images RandomResizedCrop(scale=(0.8, 1.0)) + horizontal fl
 The MAE checkpoint initialises encoder and decoder (weights/timm_vit.import_mae_into_vlc);
 without one both start at random. No evaluation task by default: VLC has no separate
 embeddings, so the existing retrieval / classification tasks do not apply.
+
+Meant for a TPU v5e-64 slice (v5e:8x8: the batch of 4,096 is 64 per chip), with
+--config.model.remat=full at launch (the single-stream encoder has no scanned layout).
+`python -m vlp_jax.preflight --config=configs/vlc_vitb16.py --topology=v5e:8x8` with that
+override (2026-12-08): fits, peak 6.22 GiB per chip of 15.75
+(benchmarks/results/preflight_vlc_vitb16_v5e_8x8.json).
 """
 
 from __future__ import annotations
