@@ -12,6 +12,12 @@ alpha 0.4 ramped over the first epoch, CLIP's pixel statistics. Where we differ:
 - Gradients are clipped at global norm 1.0 (config.optim.grad_clip_norm); ALBEF does not clip.
 - ALBEF's image tower is a DeiT-B/16 (timm) at 256 px with interpolated position
   embeddings; the timm importer takes a checkpoint whose grid matches image_size.
+
+Meant for a TPU v5e-8 slice (v5e:2x4: the batch of 512 is ALBEF's 64 per device), with
+--config.model.remat=full at launch (its towers have no scanned layout). Not yet shown to
+fit: `python -m vlp_jax.preflight --config=configs/albef_vitb16.py --topology=v5e:2x4
+--config.model.remat=full` did not finish XLA's compile of the unrolled step within 900 s
+on a 2-core host (2026-12-08, twice); run it on a larger host before renting.
 """
 
 from __future__ import annotations

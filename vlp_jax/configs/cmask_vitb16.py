@@ -10,6 +10,10 @@ configs/albef_vitb16.py's ALBEF (CMask's own configs use ALBEF's Pretrain.yaml),
 two cross-attention layers that takes over from random masking during the first 10,000
 steps. The released CMask code never trains its agent; the reward and its REINFORCE
 update follow the paper's description (vlp_jax/methods/cmask.py).
+
+Meant for ALBEF's slice, a TPU v5e-8 (v5e:2x4, 64 per chip), with
+--config.model.remat=full at launch; not yet pre-flighted (configs/albef_vitb16.py's
+unrolled step did not compile within 900 s on a 2-core host).
 """
 
 from __future__ import annotations
