@@ -14,6 +14,11 @@ without flips. Evaluation writes accuracy and consistency (and the script's pred
 file) under <workdir>/eval/; eval.py --tasks=nlvr2 --data.nlvr2=test1.json,... scores test-P.
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
 Not reproduced: RandAugment (docs/DECISIONS.md).
+
+Meant for a TPU v5e-8 slice (v5e:2x4: the batch of 128 is 16 statements, 32 image passes,
+per chip), with --config.model.remat=full at launch. Not yet pre-flighted; the command:
+`python -m vlp_jax.preflight --config=configs/vlc_nlvr2.py --topology=v5e:2x4
+--config.model.remat=full --config.finetune.train=builtin` (the head needs no data).
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ RandomResizedCrop(scale=(0.9, 1.0)) without flips. Its config lists "itm": 0.5 b
 ViLT's): the rank loss trains alone (itm_weight=0.5 adds the listed ITM term).
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
 Not reproduced: RandAugment (docs/DECISIONS.md).
+
+Meant for a TPU v5e-16 slice (v5e:4x4: the batch of 256 is 16 images per chip, each
+scored against 16 captions), with --config.model.remat=full at launch. Not yet
+pre-flighted; the command: `python -m vlp_jax.preflight --config=configs/vlc_retrieval.py
+--topology=v5e:4x4 --config.model.remat=full`.
 """
 
 from __future__ import annotations
