@@ -6,6 +6,12 @@
       --config.model.text.init=hf_bert:/ckpt/bert-base-uncased --config.data.train=...
 
 Everything else as configs/lit_b16_bert.py.
+
+Meant for LiT's slice, a TPU v5e-8 (v5e:2x4: the batch of 1,024 is 128 per chip), with
+--config.model.remat=full at launch. `python -m vlp_jax.preflight
+--config=configs/lilt_b16_bert.py --topology=v5e:2x4` with that override (2026-12-08):
+fits, peak 2.23 GiB per chip of 15.75
+(benchmarks/results/preflight_lilt_b16_bert_v5e_2x4.json).
 """
 
 from __future__ import annotations
