@@ -17,6 +17,13 @@ repository's top README.md passes --input_size 384 instead). Not reproduced: Ran
 (timm's rand-m9-mstd0.5-inc1), mixup 0.8, cutmix 1.0, random erasing 0.25, drop path 0.1;
 MAE pools the patch states before its final norm, the encoder here applies it to every
 token first; gradients are clipped (MAE does not). docs/DECISIONS.md lists them.
+
+Meant for a TPU v5e-8 slice (v5e:2x4: the batch of 1,024 is 128 per chip), with
+--config.model.remat=full at launch. `python -m vlp_jax.preflight
+--config=configs/vlc_classify.py --topology=v5e:2x4 --config.model.remat=full
+--config.finetune.train=<class folders>` (the head's size is the training set's class
+count: a tree of 1,000 class folders, 2026-12-08): fits, peak 2.68 GiB per chip of 15.75
+(benchmarks/results/preflight_vlc_classify_v5e_2x4.json).
 """
 
 from __future__ import annotations
