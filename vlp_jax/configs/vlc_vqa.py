@@ -19,6 +19,13 @@ annotations) and the test-dev results file for the evaluation server under
 images; the reader takes whole files, so pass a trimmed val file for that split.
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
 Not reproduced: RandAugment ("mae_randaug") (docs/DECISIONS.md).
+
+Meant for a TPU v5e-16 slice (v5e:4x4: the batch of 256 is 16 per chip at 576 px), with
+--config.model.remat=full at launch. `python -m vlp_jax.preflight --config=configs/vlc_vqa.py
+--topology=v5e:4x4 --config.model.remat=full --config.finetune.train=builtin
+--config.finetune.answers=<answers file>` (the head's size is the answer count: a file of
+3,129, 2026-12-08): fits, peak 4.85 GiB per chip of 15.75
+(benchmarks/results/preflight_vlc_vqa_v5e_4x4.json).
 """
 
 from __future__ import annotations
