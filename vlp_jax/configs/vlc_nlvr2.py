@@ -16,9 +16,10 @@ Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
 Not reproduced: RandAugment (docs/DECISIONS.md).
 
 Meant for a TPU v5e-8 slice (v5e:2x4: the batch of 128 is 16 statements, 32 image passes,
-per chip), with --config.model.remat=full at launch. Not yet pre-flighted; the command:
-`python -m vlp_jax.preflight --config=configs/vlc_nlvr2.py --topology=v5e:2x4
---config.model.remat=full --config.finetune.train=builtin` (the head needs no data).
+per chip), with --config.model.remat=full at launch. `python -m vlp_jax.preflight
+--config=configs/vlc_nlvr2.py --topology=v5e:2x4 --config.model.remat=full
+--config.finetune.train=builtin` (the head needs no data; 2026-12-08): fits, peak
+2.52 GiB per chip of 15.75 (benchmarks/results/preflight_vlc_nlvr2_v5e_2x4.json).
 """
 
 from __future__ import annotations
