@@ -26,10 +26,12 @@ ViLT's): the rank loss trains alone (itm_weight=0.5 adds the listed ITM term).
 Dropout 0.1 on the text embeddings, as VLC's drop_rate (configs/vlc_vitb16.py).
 Not reproduced: RandAugment (docs/DECISIONS.md).
 
-Meant for a TPU v5e-16 slice (v5e:4x4: the batch of 256 is 16 images per chip, each
-scored against 16 captions), with --config.model.remat=full at launch. Not yet
-pre-flighted; the command: `python -m vlp_jax.preflight --config=configs/vlc_retrieval.py
---topology=v5e:4x4 --config.model.remat=full`.
+Meant for a TPU v5e-64 slice (v5e:8x8: the batch of 256 is 4 images per chip, each
+scored against 16 captions), with --config.model.remat=full at launch. `python -m
+vlp_jax.preflight --config=configs/vlc_retrieval.py --topology=v5e:8x8
+--config.model.remat=full` (2026-12-08): fits, peak 4.58 GiB per chip of 15.75
+(benchmarks/results/preflight_vlc_retrieval_v5e_8x8.json); on v5e:4x4 (16 per chip) it
+does not (35.26 GiB of temporaries: 256 image-caption passes per chip).
 """
 
 from __future__ import annotations
