@@ -101,3 +101,7 @@ def test_suggestions_for_a_refused_step_name_remat_scan_fsdp_and_accumulation(co
   assert any(s.startswith("--config.model.scan_layers=True") for s in out)
   assert any(s.startswith("--config.mesh.fsdp=8") for s in out)
   assert any(s.startswith("--config.grad_accum_steps=2 (per-chip microbatch 32") for s in out)
+  # A model without a scanned layout (ALBEF, VLC) is not told to scan.
+  unscanned = fit.suggestions(config, report, can_scan=False)
+  assert not any("scan_layers" in s for s in unscanned)
+  assert unscanned == [s for s in out if "scan_layers" not in s]

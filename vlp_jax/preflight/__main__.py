@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
   report = step.compile_report(step.build_step(config, devices), name)
   report.overrides = _overrides()
   if not report.fits:
-    report.suggestions = fit.suggestions(config, report)
+    report.suggestions = fit.suggestions(config, report, fit.scannable(config, devices))
   print(format_report(report), flush=True)
   payload: dict = {
     "config": flags.FLAGS["config"].config_filename,

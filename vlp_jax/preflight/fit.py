@@ -16,14 +16,31 @@ from vlp_jax.config_lib import ConfigError
 from vlp_jax.preflight.step import Report, build_step, compile_report
 
 
-def suggestions(config: ml_collections.ConfigDict, report: Report) -> list[str]:
-  """Config overrides likely to make a refused step fit, least costly first."""
+def scannable(
+  config: ml_collections.ConfigDict,
+  devices: list[Any],
+  build: Callable[[ml_collections.ConfigDict, list[Any]], Any] = build_step,
+) -> bool:
+  """Whether the config's model has a scanned layout (ALBEF's and VLC's towers do not:
+  their builders refuse model.scan_layers=True before any compile)."""
+  try:
+    build(with_overrides(config, {"model.scan_layers": True}), devices)
+  except ConfigError:
+    return False
+  return True
+
+
+def suggestions(
+  config: ml_collections.ConfigDict, report: Report, can_scan: bool = True
+) -> list[str]:
+  """Config overrides likely to make a refused step fit, least costly first; scanned
+  layers only where `can_scan` (see `scannable`)."""
   out = []
   remat = config.model.remat
   if remat in ("none", False):
     out.append("--config.model.remat=full (recompute each block in the backward pass)")
-  if not config.model.scan_layers:
-    out.append("--config.model.scan_layers=True (where the towers have a scanned layout)")
+  if can_scan and not config.model.scan_layers:
+    out.append("--config.model.scan_layers=True (stack each tower's blocks in one scan)")
   if report.devices > 1 and config.mesh.fsdp == 1:
     out.append(
       f"--config.mesh.fsdp={report.devices} (parameters and optimizer state split over "
@@ -106,11 +123,7 @@ def search(
   where the config's model has a scanned layout. At most `max_compiles` compiles when
   positive (each may take minutes). `build` and `compile_fn` are the step's builder and
   the compiler's verdict (tests pass stand-ins)."""
-  scan = {"model.scan_layers": True}
-  try:
-    build(with_overrides(config, scan), devices)
-  except ConfigError:
-    scan = {}  # A model without a scanned layout (ALBEF, VLC): unrolled.
+  scan = {"model.scan_layers": True} if scannable(config, devices, build) else {}
   tried: list[Candidate] = []
   for point in SEARCH:
     if max_compiles > 0 and len(tried) >= max_compiles:
