@@ -30,7 +30,7 @@ def _report(config, fits: bool) -> step.Report:
   )
 
 
-def _search(config, fits, scanned: bool = True, max_compiles: int = 0):
+def _search(config, fits, scanned: bool = True, max_compiles: int = 0, start_report=None):
   """fit.search with `fits(config) -> bool` as the compiler; every config compiled."""
   compiled, logged = [], []
 
@@ -46,7 +46,14 @@ def _search(config, fits, scanned: bool = True, max_compiles: int = 0):
     return _report(candidate, fits(candidate))
 
   best, tried = fit.search(
-    config, DEVICES, "v5e:2x4", logged.append, max_compiles, build=build, compile_fn=compile_fn
+    config,
+    DEVICES,
+    "v5e:2x4",
+    logged.append,
+    max_compiles,
+    build=build,
+    compile_fn=compile_fn,
+    start_report=start_report,
   )
   return best, tried, compiled, logged
 
@@ -91,6 +98,16 @@ def test_the_search_stops_after_max_compiles(config):
   best, tried, compiled, logged = _search(config, lambda c: False, max_compiles=2)
   assert best is None and len(tried) == len(compiled) == 2
   assert "stopped after 2 compiles" in logged[-1]
+
+
+def test_a_candidate_equal_to_the_given_config_reuses_its_verdict(config):
+  config.model.update(scan_layers=True, remat="none")  # SEARCH's first point, as given.
+  refused = _report(config, fits=False)
+  best, tried, compiled, _ = _search(
+    config, lambda c: c.model.remat == "dots", max_compiles=1, start_report=refused
+  )
+  assert tried[0].report is refused and [c.model.remat for c in compiled] == ["dots"]
+  assert best is tried[1]  # The bound counts compiles, not the reused verdict.
 
 
 def test_suggestions_for_a_refused_step_name_remat_scan_fsdp_and_accumulation(config):

@@ -119,7 +119,9 @@ def main(argv: list[str]) -> None:
   }
   if _FIT.value:
     print("--fit: compiling candidates (scanned layers where the model has them)...", flush=True)
-    best, tried = fit.search(config, devices, name, max_compiles=_FIT_MAX.value)
+    best, tried = fit.search(
+      config, devices, name, max_compiles=_FIT_MAX.value, start_report=report
+    )
     payload["fit"] = {
       "chosen": best.flags if best else None,
       # The candidate's flags, not the report's own (empty) overrides field.
