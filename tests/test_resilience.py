@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,13 +23,19 @@ from vlp_jax import checkpointing
 
 
 def _start_and_signal(command, workdir, at_step: int, signum: int) -> subprocess.Popen:
-  """Starts train.py and sends `signum` once it has logged step `at_step`."""
-  process = subprocess.Popen(
-    command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-  )
-  wait_for_logged_step(process, workdir, at_step, lambda: process.stderr.read())
+  """Starts train.py and sends `signum` once it has logged step `at_step`. Its stderr goes
+  to <workdir>.stderr (a pipe nobody drains would block a chatty run): `_stderr(process)`."""
+  log_path = f"{workdir}.stderr"
+  with open(log_path, "w") as log:  # The child keeps its own descriptor.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+  process.log_path = log_path
+  wait_for_logged_step(process, workdir, at_step, lambda: _stderr(process))
   process.send_signal(signum)
   return process
+
+
+def _stderr(process: subprocess.Popen) -> str:
+  return Path(process.log_path).read_text()
 
 
 def test_kill_9_at_a_random_step_then_resume_gives_the_identical_run(tmp_path, cache_dir):
@@ -74,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
   )
   process = _start_and_signal(train_command(config, tmp_path, *flags), tmp_path, 2, signal.SIGTERM)
   assert process.wait(timeout=120) == 0
-  stderr = process.stderr.read()
+  stderr = _stderr(process)
   assert "Preempted: saved the checkpoint of step" in stderr
   with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
     assert manager.all_steps() == [len(logged_losses(tmp_path))]
