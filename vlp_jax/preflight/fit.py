@@ -89,8 +89,9 @@ SEARCH = (
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  """config["a"]["b"] for key "a.b" ("": config itself)."""
   node = config
-  for part in key.split("."):
+  for part in filter(None, key.split(".")):
     node = node[part]
   return node
 
@@ -100,11 +101,8 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any])
   out = config.copy_and_resolve_references()
   with out.unlocked():
     for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      node = out
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+      parent, _, leaf = key.rpartition(".")
+      _get(out, parent)[leaf] = value
   return out
 
 
